@@ -1,0 +1,5 @@
+"""Entry point for `python -m recnext_cli`."""
+
+from recnext_cli.cli import main
+
+main()

@@ -1,0 +1,46 @@
+"""The `recnext` command: assembles one Typer command per module in recnext_cli/commands/."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from recnext_cli import __version__
+from recnext_cli.commands import setup
+from recnext_cli.errors import RecnextError
+
+app = typer.Typer(
+    name="recnext",
+    help="Reproduce RecNeXt Mask R-CNN results on current PyTorch: zoo, downloads, setup, test, train, benchmarks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"recnext {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """recnext: RecNeXt detection checkpoints that download, verify, test and train on today's PyTorch."""
+
+
+app.command("setup")(setup.setup)
+
+
+def main() -> None:
+    try:
+        app()
+    except RecnextError as exc:
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,219 @@
+"""The pinned mmdet 2.x stack and how `recnext setup` installs it: torch, a cached mmcv-full build, mmdet."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from recnext_cli.cache import cache_root
+from recnext_cli.errors import EnvironmentProblem
+
+# The one place the stack's versions are pinned.
+TORCH_VERSION = "2.14.1"
+TORCHVISION_VERSION = "0.29.1"
+MMCV_VERSION = "1.7.2"
+MMDET_VERSION = "2.28.2"
+# mmcv-full 1.7.2's setup.py imports pkg_resources, which setuptools 70+ no longer ships.
+BUILD_SETUPTOOLS = "setuptools<70"
+
+Report = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildKey:
+    """What a compiled mmcv-full wheel depends on; a wheel is reused only when all of it matches."""
+
+    mmcv: str
+    torch: str
+    flavour: str  # "cpu", or "cu<version>" when CUDA kernels were compiled
+    python_tag: str
+
+    @property
+    def slug(self) -> str:
+        return f"mmcv-full-{self.mmcv}_torch-{self.torch}_{self.flavour}_{self.python_tag}".replace("+", "-")
+
+
+@dataclasses.dataclass
+class SetupOptions:
+    cuda_ops: bool = False
+    force_rebuild: bool = False
+    jobs: int = max(1, os.cpu_count() or 1)
+    python: str = sys.executable
+
+
+@dataclasses.dataclass
+class SetupResult:
+    steps: list[str]
+    wheel: Path
+    reused_wheel: bool
+    log_path: Path | None
+
+
+def python_tag() -> str:
+    return f"cp{sys.version_info.major}{sys.version_info.minor}"
+
+
+def wheel_cache_dir() -> Path:
+    return cache_root() / "wheels"
+
+
+def log_dir() -> Path:
+    return cache_root() / "logs"
+
+
+def _run(cmd: list[str], log, env: dict | None = None, cwd: Path | None = None) -> None:
+    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    if proc.returncode != 0:
+        raise EnvironmentProblem(
+            f"`{' '.join(cmd[:6])} …` failed (exit {proc.returncode}); the full log is {log.name}"
+        )
+
+
+def _probe(python: str, code: str) -> str | None:
+    """Run a snippet in the target interpreter; its stdout, or None when it fails."""
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def installed_version(python: str, dist: str) -> str | None:
+    return _probe(python, f"import importlib.metadata as m; print(m.version({dist!r}))")
+
+
+def torch_facts(python: str) -> dict | None:
+    out = _probe(
+        python,
+        "import json, torch, os; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
+        "'include': os.path.join(os.path.dirname(torch.__file__), 'include')}))",
+    )
+    return json.loads(out) if out else None
+
+
+def torch_needs_cxx20(include_dir: str) -> bool:
+    """torch 2.14's ATen headers refuse anything older than C++20; older torch builds accept C++17."""
+    header = Path(include_dir) / "ATen" / "ATen.h"
+    return header.exists() and "202002L" in header.read_text(errors="replace")
+
+
+def local_gpu_arch(python: str) -> str | None:
+    return _probe(python, "import torch; m, n = torch.cuda.get_device_capability(0); print(f'{m}.{n}')")
+
+
+def build_key(torch: dict, cuda_ops: bool) -> BuildKey:
+    flavour = f"cu{torch['cuda']}" if cuda_ops else "cpu"
+    return BuildKey(MMCV_VERSION, torch["version"], flavour, python_tag())
+
+
+def cached_wheel(key: BuildKey) -> Path | None:
+    folder = wheel_cache_dir() / key.slug
+    wheels = sorted(folder.glob("mmcv_full-*.whl")) if folder.is_dir() else []
+    return wheels[0] if wheels else None
+
+
+def _patch_cxx_standard(setup_py: Path) -> None:
+    text = setup_py.read_text()
+    patched = re.sub(r"-std=c\+\+1[47]", "-std=c++20", text)
+    setup_py.write_text(patched)
+
+
+def build_mmcv_wheel(key: BuildKey, torch: dict, options: SetupOptions, log, report: Report) -> Path:
+    """Compile mmcv-full from the registry's source archive into the wheel cache; return the wheel."""
+    with tempfile.TemporaryDirectory(prefix="recnext-mmcv-") as tmp:
+        tmpdir = Path(tmp)
+        tools = tmpdir / "build-tools"
+        report(f"fetching mmcv-full {MMCV_VERSION} source and build tools")
+        _run([options.python, "-m", "pip", "install", "--quiet", "--target", str(tools), BUILD_SETUPTOOLS, "wheel"], log)
+        build_env = dict(os.environ)
+        # An old setuptools on PYTHONPATH for the build only: torch itself needs a newer one in the environment.
+        build_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tools), os.environ.get("PYTHONPATH")]))
+        _run(
+            [options.python, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             "--no-build-isolation", f"mmcv-full=={MMCV_VERSION}", "-d", str(tmpdir / "src")],
+            log, env=build_env,
+        )
+        archive = next((tmpdir / "src").glob("mmcv*full-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmpdir / "src", filter="data")
+        source = next(p for p in (tmpdir / "src").iterdir() if p.is_dir())
+        if torch_needs_cxx20(torch["include"]):
+            _patch_cxx_standard(source / "setup.py")
+            log.write("patched setup.py: -std=c++20 (the installed torch's headers require it)\n")
+        build_env.update(MMCV_WITH_OPS="1", MAX_JOBS=str(options.jobs))
+        if options.cuda_ops:
+            arch = local_gpu_arch(options.python)
+            build_env.update(FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=arch or "")
+            report(f"compiling mmcv-full CPU + CUDA ops for sm_{arch} (tens of minutes)")
+        else:
+            # setup.py compiles CUDA kernels whenever torch sees a GPU; hide it for a CPU-ops build.
+            build_env.update(FORCE_CUDA="0", CUDA_VISIBLE_DEVICES="")
+            report(f"compiling mmcv-full CPU ops with {options.jobs} jobs (about 7 minutes on 2 cores)")
+        out = tmpdir / "dist"
+        _run([options.python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
+             log, env=build_env)
+        built = next(out.glob("mmcv_full-*.whl"))
+        target_dir = wheel_cache_dir() / key.slug
+        staging = target_dir.with_name(target_dir.name + ".part")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        shutil.copy2(built, staging / built.name)
+        (staging / "build.json").write_text(json.dumps(dataclasses.asdict(key), indent=2))
+        shutil.rmtree(target_dir, ignore_errors=True)
+        os.replace(staging, target_dir)
+        return target_dir / built.name
+
+
+def mmcv_ops_work(python: str) -> bool:
+    return _probe(python, "import mmcv.ops, mmcv; print(mmcv.__version__)") == MMCV_VERSION
+
+
+def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
+    """Install torch, mmcv-full (built once per torch/CUDA/Python and cached) and mmdet into `options.python`."""
+    log_dir().mkdir(parents=True, exist_ok=True)
+    log_path = log_dir() / f"setup-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    steps: list[str] = []
+    with open(log_path, "w") as log:
+        pip = [options.python, "-m", "pip", "install", "--quiet"]
+        if installed_version(options.python, "torch") != TORCH_VERSION or \
+                installed_version(options.python, "torchvision") != TORCHVISION_VERSION:
+            report(f"installing torch {TORCH_VERSION} and torchvision {TORCHVISION_VERSION}")
+            _run(pip + [f"torch=={TORCH_VERSION}", f"torchvision=={TORCHVISION_VERSION}"], log)
+            steps.append(f"installed torch {TORCH_VERSION}, torchvision {TORCHVISION_VERSION}")
+        torch = torch_facts(options.python)
+        if torch is None:
+            raise EnvironmentProblem(f"torch does not import in {options.python}; see {log_path}")
+        if options.cuda_ops and not (shutil.which("nvcc") and local_gpu_arch(options.python)):
+            raise EnvironmentProblem("--cuda-ops needs nvcc on PATH and a visible GPU; drop the flag for a CPU-ops build")
+        key = build_key(torch, options.cuda_ops)
+        wheel = None if options.force_rebuild else cached_wheel(key)
+        reused = wheel is not None
+        current = installed_version(options.python, "mmcv-full")
+        if reused and current == MMCV_VERSION and not options.force_rebuild and mmcv_ops_work(options.python):
+            steps.append(f"mmcv-full {MMCV_VERSION} already installed from {wheel.name}")
+        else:
+            if wheel is None:
+                wheel = build_mmcv_wheel(key, torch, options, log, report)
+                steps.append(f"built {wheel.name} ({wheel.stat().st_size / 2**20:.0f} MB) into {wheel.parent}")
+            report(f"installing {wheel.name}")
+            _run(pip + ["--force-reinstall", "--no-deps", str(wheel)], log)
+            _run(pip + ["addict", "packaging", "pyyaml", "yapf>=0.43", "opencv-python-headless", "pillow"], log)
+            steps.append(f"installed mmcv-full {MMCV_VERSION} ({key.flavour} ops)")
+        if installed_version(options.python, "mmdet") != MMDET_VERSION:
+            report(f"installing mmdet {MMDET_VERSION}")
+            _run(pip + [f"mmdet=={MMDET_VERSION}"], log)
+            steps.append(f"installed mmdet {MMDET_VERSION}")
+        report("checking that mmcv.ops and mmdet import")
+        if not mmcv_ops_work(options.python) or _probe(options.python, "import mmdet; print(mmdet.__version__)") is None:
+            raise EnvironmentProblem(f"mmcv.ops or mmdet does not import after setup; see {log_path}")
+    return SetupResult(steps=steps, wheel=wheel, reused_wheel=reused, log_path=log_path)
