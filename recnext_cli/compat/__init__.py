@@ -1,0 +1,103 @@
+"""In-process fixes for mmcv-full 1.7 / mmdet 2.28 on current torch: monkeypatches applied at import, never file edits."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+from recnext_cli.compat import checkpoint, ddp, ops, scatter
+
+
+@dataclasses.dataclass(frozen=True)
+class Fix:
+    """One known incompatibility: how to tell whether it bites here, and the patch that removes it."""
+
+    key: str
+    title: str
+    symptom: str
+    remedy: str
+    needed: Callable[[], bool]
+    apply: Callable[[], None]
+    applied: Callable[[], bool]
+
+
+FIXES: tuple[Fix, ...] = (
+    Fix(
+        key="ddp-replicated-tensor",
+        title="MMDistributedDataParallel forward on torch >= 2.0",
+        symptom="AttributeError: 'MMDistributedDataParallel' object has no attribute '_use_replicated_tensor_module'",
+        remedy="run through recnext's runners (they patch _run_ddp_forward to use self.module)",
+        needed=ddp.replicated_tensor_fix_needed,
+        apply=ddp.patch_run_ddp_forward,
+        applied=ddp.run_ddp_forward_patched,
+    ),
+    Fix(
+        key="scatter-stream",
+        title="Scatter.forward passes an int to torch's _get_stream (torch >= 2.0)",
+        symptom="AttributeError: 'int' object has no attribute 'type'",
+        remedy="run through recnext's runners (they pass torch.device('cuda', i))",
+        needed=scatter.fix_needed,
+        apply=scatter.patch,
+        applied=scatter.patched,
+    ),
+    Fix(
+        key="checkpoint-weights-only",
+        title="torch.load defaults to weights_only=True (torch >= 2.6)",
+        symptom="Weights only load failed ... Unsupported global: numpy ...",
+        remedy="run through recnext's runners (they allow exactly the numpy globals mmdet meta uses)",
+        needed=checkpoint.fix_needed,
+        apply=checkpoint.patch,
+        applied=checkpoint.patched,
+    ),
+    Fix(
+        key="cpu-distributed",
+        title="distributed runs without GPUs (gloo, no set_device, CPU result collection)",
+        symptom="AssertionError: Only available for cuda or mlu or npu devices / Torch not compiled with CUDA",
+        remedy="run through recnext's runners with --device cpu",
+        needed=ddp.cpu_distributed_fix_needed,
+        apply=ddp.patch_cpu_distributed,
+        applied=ddp.cpu_distributed_patched,
+    ),
+    Fix(
+        key="ops-without-cuda",
+        title="mmcv-full built without CUDA kernels, running on a GPU",
+        symptom="RuntimeError: ... roi_align_forward_impl / nms_impl: implementation for device cuda:0 not found",
+        remedy="run through recnext's runners (RoIAlign and NMS use torchvision's CUDA kernels), or `recnext setup --cuda-ops`",
+        needed=ops.fallback_needed,
+        apply=ops.patch,
+        applied=ops.patched,
+    ),
+)
+
+
+def apply_all() -> list[str]:
+    """Apply every fix this environment needs (idempotent); return the keys of the fixes in force."""
+    in_force = []
+    for fix in FIXES:
+        if fix.needed():
+            if not fix.applied():
+                fix.apply()
+            in_force.append(fix.key)
+    return in_force
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group torchrun (or our Slurm runner) described in the environment; (rank, world_size).
+
+    mmcv's init_dist('pytorch') always picks NCCL and calls torch.cuda.set_device, so it cannot start without GPUs:
+    CPU workers use gloo and leave CUDA alone.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()

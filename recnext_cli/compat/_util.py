@@ -1,0 +1,27 @@
+"""Small helpers shared by the compat patches: version checks and patch bookkeeping."""
+
+from __future__ import annotations
+
+ORIGINAL = "__recnext_original__"
+
+
+def torch_at_least(version: str) -> bool:
+    import torch
+    from packaging.version import Version
+
+    return Version(torch.__version__.split("+")[0]) >= Version(version)
+
+
+def mark(replacement, original):
+    """Tag a replacement with what it replaces, so patches are idempotent and tests can restore the original."""
+    setattr(replacement, ORIGINAL, original)
+    return replacement
+
+
+def is_marked(obj) -> bool:
+    return ORIGINAL in getattr(obj, "__dict__", {})
+
+
+def original_of(obj):
+    """The unpatched object behind a replacement (the object itself when it was never patched)."""
+    return getattr(obj, "__dict__", {}).get(ORIGINAL, obj)

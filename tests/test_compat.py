@@ -1,0 +1,179 @@
+"""Each in-process fix: the original failure reproduced without it, and the same call passing with it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+mmcv = pytest.importorskip("mmcv")
+pytest.importorskip("mmcv.ops")
+
+from recnext_cli import compat  # noqa: E402
+from recnext_cli.compat import checkpoint, ddp, ops, scatter  # noqa: E402
+from recnext_cli.compat._util import original_of  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_forward_needs_fix_and_works_with_it(monkeypatch, gloo_world_of_one):
+    from mmcv.parallel import MMDistributedDataParallel
+
+    monkeypatch.setattr(MMDistributedDataParallel, "_run_ddp_forward",
+                        original_of(MMDistributedDataParallel._run_ddp_forward))
+    model = torch.nn.Linear(3, 2)
+    wrapped = MMDistributedDataParallel(model)
+    x = torch.randn(4, 3)
+    assert ddp.replicated_tensor_fix_needed()
+    with pytest.raises(AttributeError, match="_use_replicated_tensor_module"):
+        wrapped(x)
+    ddp.patch_run_ddp_forward()
+    assert ddp.run_ddp_forward_patched()
+    torch.testing.assert_close(wrapped(x), model(x))
+
+
+def test_scatter_stream_needs_fix_and_passes_devices_with_it(monkeypatch):
+    from mmcv.parallel import _functions as f
+
+    monkeypatch.setattr(f.Scatter, "forward", staticmethod(original_of(f.Scatter.forward)))
+    data = torch.zeros(2, 3)
+    with pytest.raises(AttributeError, match="'int' object has no attribute 'type'"):
+        f.Scatter.forward([0], data)
+
+    asked, copied = [], []
+    monkeypatch.setattr(f, "_get_stream", lambda device: asked.append(device))
+    monkeypatch.setattr(f, "scatter", lambda tensor, gpus, streams: copied.append((gpus, streams)) or [tensor])
+    monkeypatch.setattr(f, "synchronize_stream", lambda *args: None)
+    scatter.patch()
+    assert scatter.patched()
+    out = f.Scatter.forward([0, 1], data)
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert copied == [([0, 1], [None, None])]
+    assert out[0] is data
+
+
+class Payload:
+    """Stands for an arbitrary Python object in a pickle: the safe loader must keep refusing it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_checkpoint_with_numpy_meta_needs_fix_and_loads_with_it(monkeypatch, tmp_path):
+    from mmcv.runner import load_checkpoint
+    from mmcv.runner.checkpoint import CheckpointLoader
+
+    monkeypatch.setitem(CheckpointLoader._schemes, "", original_of(CheckpointLoader._schemes[""]))
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "epoch_1.pth"
+    meta = {"epoch": 1, "hook_msgs": {"best_score": np.float64(0.42)}, "seed": np.int64(7), "ids": np.arange(3)}
+    torch.save({"meta": meta, "state_dict": {k: v + 1 for k, v in model.state_dict().items()}}, path)
+    assert checkpoint.fix_needed()
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(model, str(path), map_location="cpu")
+
+    checkpoint.patch()
+    assert checkpoint.patched()
+    loaded = load_checkpoint(torch.nn.Linear(3, 2), str(path), map_location="cpu")
+    assert loaded["meta"]["hook_msgs"]["best_score"] == pytest.approx(0.42)
+    np.testing.assert_array_equal(loaded["meta"]["ids"], np.arange(3))
+
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"meta": {"x": Payload()}, "state_dict": model.state_dict()}, hostile)
+    with pytest.raises(pickle.UnpicklingError, match="Payload"):
+        load_checkpoint(model, str(hostile), map_location="cpu")
+
+
+def test_cpu_distributed_needs_fix(monkeypatch, gloo_world_of_one):
+    import mmdet.apis.test as mmdet_test
+    import mmdet.utils.util_distribution as dist_util
+
+    monkeypatch.setattr(dist_util, "build_ddp", original_of(dist_util.build_ddp))
+    monkeypatch.setattr(mmdet_test, "collect_results_cpu", original_of(mmdet_test.collect_results_cpu))
+    with pytest.raises(AssertionError, match="Only available for cuda"):
+        dist_util.build_ddp(torch.nn.Linear(2, 2), "cpu")
+    with pytest.raises((RuntimeError, AssertionError), match="(?i)cuda"):
+        mmdet_test.collect_results_cpu([1], 1)
+
+
+@pytest.mark.slow
+def test_cpu_distributed_two_gloo_workers_train_and_collect(tmp_path):
+    worker = Path(__file__).with_name("compat_ddp_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(worker), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "rank0.ok").read_text() == "ok"
+    assert (tmp_path / "rank1.ok").read_text() == "ok"
+
+
+def _random_rois(generator, count, image_size, batch):
+    xy = torch.rand(count, 2, generator=generator) * image_size * 0.8
+    wh = torch.rand(count, 2, generator=generator) * image_size * 0.5 + 1
+    index = torch.randint(0, batch, (count, 1), generator=generator).float()
+    return torch.cat([index, xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("output_size", [7, 14, (3, 5)])
+def test_torchvision_roi_align_matches_mmcv_kernel(output_size):
+    from mmcv.ops import RoIAlign
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 40, 48, generator=g)
+    rois = _random_rois(g, 64, 160, batch=2)
+    layer = RoIAlign(output_size, spatial_scale=0.25, sampling_ratio=0, aligned=True)
+    mmcv_out = original_of(RoIAlign.forward)(layer, features, rois)
+    tv_out = ops.torchvision_roi_align(layer, features, rois)
+    assert tv_out.shape == mmcv_out.shape
+    assert (tv_out - mmcv_out).abs().max().item() <= 1e-5
+
+
+def test_torchvision_nms_keeps_the_same_boxes_as_mmcv():
+    from mmcv.ops import nms
+
+    g = torch.Generator().manual_seed(1)
+    boxes = _random_rois(g, 300, 100, batch=1)[:, 1:]
+    scores = torch.rand(300, generator=g)
+    for threshold in (0.3, 0.5, 0.7):
+        _, mmcv_keep = nms(boxes, scores, threshold)
+        assert torch.equal(ops.torchvision_nms(boxes, scores, threshold), mmcv_keep)
+
+
+def test_nms_extension_keeps_cpu_tensors_on_mmcv_kernel():
+    import mmcv.ops.nms as nms_module
+
+    ext = original_of(nms_module.ext_module)
+    proxy = ops._NmsExtension(ext)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert proxy.nms(boxes, scores, 0.5, 0).tolist() == [0, 2]
+    assert proxy.get_compiler_version() == ext.get_compiler_version()
+
+
+def test_apply_all_is_idempotent_and_reports_fixes():
+    first = compat.apply_all()
+    second = compat.apply_all()
+    assert first == second
+    assert {"ddp-replicated-tensor", "scatter-stream", "checkpoint-weights-only", "cpu-distributed"} <= set(first)
+    assert ("ops-without-cuda" in first) == (torch.cuda.is_available() and not ops.mmcv_has_cuda_ops())
