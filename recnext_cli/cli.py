@@ -7,7 +7,7 @@ import sys
 import typer
 
 from recnext_cli import __version__
-from recnext_cli.commands import doctor, setup
+from recnext_cli.commands import doctor, results, setup
 from recnext_cli.errors import RecnextError
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ def _root(
 
 app.command("setup")(setup.setup)
 app.command("doctor")(doctor.doctor)
+app.command("results")(results.results)
 
 
 def main() -> None:

@@ -1,0 +1,220 @@
+"""Results tables: read mmdet json logs or recnext test results, pick the epoch upstream reports, render its table."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from recnext_cli.errors import IntegrityError, UsageError
+
+# The six COCO numbers of the README table, by the names mmdet's CocoDataset.evaluate gives them, in column order.
+METRICS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "segm_mAP_75")
+HEADER = (
+    "Model", "$AP^b$", "$AP_{50}^b$", "$AP_{75}^b$", "$AP^m$", "$AP_{50}^m$", "$AP_{75}^m$", "Latency", "Ckpt", "Log",
+)  # fmt: skip
+_ALIGNMENT = (":---",) + (":---:",) * (len(HEADER) - 1)
+_BACKBONE_IN_CONFIG = re.compile(r"backbone\s*=\s*dict\(\s*type\s*=\s*['\"]([\w.-]+)['\"]")
+_MODEL_IN_FILE_NAME = re.compile(r"recnext[_-]([a-z]\d+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One model's COCO numbers from one file; metrics are fractions in [0, 1] as mmdet reports them."""
+
+    model: str
+    metrics: Mapping[str, float]
+    source: Path
+    epoch: int | None = None
+    checkpoint: str | None = None
+    config: str | None = None
+
+    @property
+    def name(self) -> str:
+        return display_name(self.model)
+
+
+def model_key(raw: str) -> str:
+    """'recnext_m3', 'RecNeXt-M3' and 'm3' all name the zoo model 'm3'."""
+    return re.sub(r"^recnext[_-]", "", raw.strip(), flags=re.IGNORECASE).lower()
+
+
+def display_name(model: str) -> str:
+    """The README's spelling: 'm3' -> 'RecNeXt-M3'; names that are not RecNeXt variants stay as they are."""
+    return f"RecNeXt-{model.upper()}" if re.fullmatch(r"[a-z]\d+", model) else model
+
+
+def format_percent(fraction: float) -> str:
+    """0.4895 -> '49.0': ×100, one decimal, halves rounded up.
+
+    mmdet logs fractions rounded to four decimals; in binary floating point 0.4895 * 100 is 48.9499…, which
+    Python would print as 48.9 where the README shows 49.0. Going through the decimal text avoids that.
+    """
+    return str((Decimal(repr(fraction)) * 100).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
+def reported_epoch(val_records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The validation record the upstream README reports: the epoch with the highest box mAP.
+
+    All six published logs agree with this rule (not with the last epoch: M4, M5, A4 and A5 peak at epoch 9 or 10).
+    On a tie the earliest epoch wins, as with mmdet's `save_best`, which keeps a best score unless it is exceeded.
+    """
+    return max(val_records, key=lambda record: record["bbox_mAP"])
+
+
+def read_result_file(path: Path) -> ResultRecord:
+    """Read an mmdet `*.log.json` (the reported epoch is picked) or a recnext test-result JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist; pass an mmdet *.log.json or a recnext test-result .json") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path} ({exc}); pass an mmdet *.log.json or a recnext test-result .json") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        # A json log holds one object per line, so it is not one JSON document unless it has a single line.
+        document = None
+    if isinstance(document, dict) and "metrics" in document:
+        return _test_result(document, path)
+    return _mmdet_log(text, path)
+
+
+def read_result_files(paths: Sequence[Path]) -> list[ResultRecord]:
+    return [read_result_file(path) for path in paths]
+
+
+def _test_result(document: Mapping[str, Any], path: Path) -> ResultRecord:
+    model, metrics = document.get("model"), document["metrics"]
+    if not isinstance(model, str) or not model.strip():
+        raise IntegrityError(f"{path}: a recnext test result needs a \"model\" string such as \"m3\"")
+    return ResultRecord(
+        model=model_key(model),
+        metrics=_checked_metrics(metrics, path),
+        source=path,
+        checkpoint=document.get("checkpoint"),
+        config=document.get("config"),
+    )
+
+
+def _mmdet_log(text: str, path: Path) -> ResultRecord:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise IntegrityError(
+                f"{path} line {number} is not JSON: pass an mmdet *.log.json (not the .log text) "
+                "or a recnext test-result .json"
+            ) from None
+        if not isinstance(record, dict):
+            raise IntegrityError(f"{path} line {number} is not a JSON object, as mmdet json logs have on every line")
+        records.append(record)
+    val_records = [record for record in records if record.get("mode") == "val"]
+    if not val_records:
+        raise IntegrityError(
+            f"{path} has no validation records (\"mode\": \"val\"): the run stopped before its first evaluation "
+            "or was trained without `evaluation = dict(metric=['bbox', 'segm'])`"
+        )
+    for record in val_records:
+        _checked_metrics(record, path)
+    best = reported_epoch(val_records)
+    meta = records[0] if "mode" not in records[0] else {}
+    config = meta.get("config")
+    return ResultRecord(
+        model=_model_from_log(config, path),
+        metrics={name: best[name] for name in METRICS},
+        source=path,
+        epoch=best.get("epoch"),
+        config=meta.get("exp_name"),
+    )
+
+
+def _model_from_log(config: Any, path: Path) -> str:
+    """The backbone type in the logged config ('recnext_m3'), else the file name, else the file's stem."""
+    if isinstance(config, dict):
+        backbone_type = config.get("model", {}).get("backbone", {}).get("type")
+    else:
+        # mmdet 2.x logs the config as Python source text (`Config.pretty_text`), not as a dict.
+        match = _BACKBONE_IN_CONFIG.search(config) if isinstance(config, str) else None
+        backbone_type = match.group(1) if match else None
+    if isinstance(backbone_type, str) and backbone_type.lower().startswith("recnext"):
+        return model_key(backbone_type)
+    match = _MODEL_IN_FILE_NAME.search(path.name)
+    if match:
+        return match.group(1).lower()
+    return backbone_type or path.name.split(".")[0]
+
+
+def _checked_metrics(metrics: Any, path: Path) -> dict[str, float]:
+    if not isinstance(metrics, dict):
+        raise IntegrityError(f"{path}: \"metrics\" must be an object of COCO metrics such as \"bbox_mAP\"")
+    missing = [name for name in METRICS if name not in metrics]
+    if missing:
+        raise IntegrityError(f"{path} lacks {', '.join(missing)}: evaluate with both bbox and segm metrics")
+    for name in METRICS:
+        value = metrics[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise IntegrityError(f"{path}: {name} = {value!r}; metrics are fractions in [0, 1] as mmdet reports them")
+    return {name: float(metrics[name]) for name in METRICS}
+
+
+@dataclass(frozen=True)
+class _ZooFacts:
+    latency_ms: float | None
+    checkpoint_url: str | None
+
+
+def _zoo_facts(model: str) -> _ZooFacts:
+    """Reported latency and checkpoint URL from the zoo, or None for models the zoo does not know."""
+    try:
+        from recnext_cli import zoo
+    except ImportError:
+        return _ZooFacts(None, None)
+    entry = zoo.MODELS.get(model)
+    if entry is None:
+        return _ZooFacts(None, None)
+    return _ZooFacts(entry.latency_ms, entry.checkpoint_url)
+
+
+def table_rows(records: Sequence[ResultRecord]) -> list[dict[str, Any]]:
+    """Plain rows for `--json`: metrics in percent as in the table (rounded to one decimal), plus where they came from."""
+    rows = []
+    for record in records:
+        facts = _zoo_facts(record.model)
+        row: dict[str, Any] = {"model": record.model, "name": record.name}
+        row.update({name: float(format_percent(record.metrics[name])) for name in METRICS})
+        row.update(
+            latency_ms=facts.latency_ms,
+            checkpoint_url=facts.checkpoint_url,
+            source=str(record.source),
+            epoch=record.epoch,
+            checkpoint=record.checkpoint,
+            config=record.config,
+        )
+        rows.append(row)
+    return rows
+
+
+def markdown_table(records: Sequence[ResultRecord]) -> str:
+    """The upstream README's table: same header and columns, one row per record, in the given order."""
+    lines = [_markdown_line(HEADER), _markdown_line(_ALIGNMENT)]
+    for record in records:
+        facts = _zoo_facts(record.model)
+        label = record.model.upper()
+        cells = [record.name, *(format_percent(record.metrics[name]) for name in METRICS)]
+        cells.append(f"{facts.latency_ms:.1f}ms" if facts.latency_ms is not None else "-")
+        cells.append(f"[{label}]({facts.checkpoint_url})" if facts.checkpoint_url else "-")
+        cells.append(f"[{label}]({record.source})")
+        lines.append(_markdown_line(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
