@@ -1,0 +1,327 @@
+"""RecNeXt backbones: layout and sizes against the spec, strict loading, fusion, attention forms, SyncBN policy, mmdet wrapper."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from recnext_cli import nn as rnn
+from recnext_cli.errors import RecnextError, UnknownModelError
+from recnext_cli.nn import recnext as recnext_module
+
+# The spec's variant table, written out here so the tests do not read the implementation's own table.
+SPEC = {
+    "m0": ("M", (40, 80, 160, 320), (2, 2, 9, 1), 2),
+    "m1": ("M", (48, 96, 192, 384), (3, 3, 15, 2), 2),
+    "m2": ("M", (56, 112, 224, 448), (3, 3, 15, 2), 2),
+    "m3": ("M", (64, 128, 256, 512), (3, 3, 13, 2), 2),
+    "m4": ("M", (64, 128, 256, 512), (5, 5, 25, 4), 2),
+    "m5": ("M", (80, 160, 320, 640), (7, 7, 35, 2), 2),
+    "a0": ("A", (40, 80, 160, 320), (2, 2, 9, 1), 2),
+    "a1": ("A", (48, 96, 192, 384), (3, 3, 15, 2), 2),
+    "a2": ("A", (56, 112, 224, 448), (3, 3, 15, 2), 2),
+    "a3": ("A", (64, 128, 256, 512), (3, 3, 13, 2), 1.875),
+    "a4": ("A", (64, 128, 256, 512), (5, 5, 25, 4), 1.875),
+    "a5": ("A", (80, 160, 320, 640), (7, 7, 35, 2), 1.875),
+}
+COCO = ("m3", "m4", "m5", "a3", "a4", "a5")
+K = 5  # token-mixer kernel of RecConv and RecAttn
+
+
+def _bn_shapes(prefix: str, c: int) -> dict:
+    return {
+        f"{prefix}.weight": (c,),
+        f"{prefix}.bias": (c,),
+        f"{prefix}.running_mean": (c,),
+        f"{prefix}.running_var": (c,),
+        f"{prefix}.num_batches_tracked": (),
+    }
+
+
+def _convnorm_shapes(prefix: str, cin: int, cout: int, k: int, groups: int = 1) -> dict:
+    return {f"{prefix}.conv.weight": (cout, cin // groups, k, k), **_bn_shapes(f"{prefix}.norm", cout)}
+
+
+def _mlp_shapes(prefix: str, c: int, h: int) -> dict:
+    return {**_convnorm_shapes(f"{prefix}.0", c, h, 1), **_convnorm_shapes(f"{prefix}.2", h, c, 1)}
+
+
+def spec_state_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """The key -> shape map the spec prescribes, derived from its text alone."""
+    series, widths, depths, ratio = SPEC[name]
+    c0 = widths[0]
+    shapes = {**_convnorm_shapes("stem.stem.0", 3, c0 // 2, 3), **_convnorm_shapes("stem.stem.2", c0 // 2, c0, 3)}
+    for i, (c, depth) in enumerate(zip(widths, depths)):
+        hidden = int(c * ratio)
+        if i > 0:
+            p = f"stages.{i}.downsample"
+            shapes[f"{p}.token_mixer.weight"] = (c, 1, 7, 7)
+            shapes[f"{p}.token_mixer.bias"] = (c,)
+            shapes.update(_bn_shapes(f"{p}.norm", c))
+            shapes.update(_mlp_shapes(f"{p}.channel_mixer", c, hidden))
+        for j in range(depth):
+            p = f"stages.{i}.blocks.{j}"
+            if series == "M":
+                level = 4 - i
+                shapes[f"{p}.token_mixer.down.weight"] = (c, 1, K, K)
+                for t in range(level + 1):
+                    shapes[f"{p}.token_mixer.convs.{t}.weight"] = (c, 1, K, K)
+                shapes.update(_bn_shapes(f"{p}.norm", c))
+            else:
+                shapes.update(_convnorm_shapes(f"{p}.token_mixer.down.0", c, c, K, groups=c))
+                shapes.update(_convnorm_shapes(f"{p}.token_mixer.down.1.qk", c, 2 * c, 1, groups=2))
+                shapes.update(_convnorm_shapes(f"{p}.token_mixer.down.1.pe", c, c, 3, groups=c))
+                shapes.update(_convnorm_shapes(f"{p}.token_mixer.conv", c, c, K, groups=c))
+            shapes.update(_mlp_shapes(f"{p}.channel_mixer", c, hidden))
+    return shapes
+
+
+def spec_parameter_count(name: str) -> int:
+    """Learnable parameters by closed-form per-module counts (BatchNorm: weight + bias)."""
+    series, widths, depths, ratio = SPEC[name]
+
+    def convnorm(cin, cout, k, groups=1):
+        return cout * (cin // groups) * k * k + 2 * cout
+
+    def mlp(c, h):
+        return convnorm(c, h, 1) + convnorm(h, c, 1)
+
+    c0 = widths[0]
+    total = convnorm(3, c0 // 2, 3) + convnorm(c0 // 2, c0, 3)
+    for i, (c, depth) in enumerate(zip(widths, depths)):
+        hidden = int(c * ratio)
+        if i > 0:
+            total += c * 49 + c + 2 * c + mlp(c, hidden)
+        if series == "M":
+            block = (4 - i + 2) * c * K * K + 2 * c + mlp(c, hidden)
+        else:
+            block = 2 * convnorm(c, c, K, groups=c) + convnorm(c, 2 * c, 1, groups=2) + convnorm(c, c, 3, groups=c)
+            block += mlp(c, hidden)
+        total += depth * block
+    return total
+
+
+def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine terms, so fusion mistakes change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+
+
+def _max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def _random_state_dict(shapes: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            out[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            out[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            out[key] = torch.randn(shape, generator=g) * 0.1
+    return out
+
+
+
+
+def test_variant_table_matches_spec():
+    assert set(rnn.VARIANTS) == set(SPEC)
+    for name, (series, widths, depths, ratio) in SPEC.items():
+        v = rnn.VARIANTS[name]
+        assert (v.series, v.widths, v.depths, v.mlp_ratio) == (series, widths, depths, ratio)
+    assert set(rnn.COCO_VARIANTS) == set(COCO)
+
+
+@pytest.mark.parametrize("name", list(SPEC))
+def test_state_dict_layout_matches_spec(name):
+    ours = rnn.backbone_state_shapes(name)
+    expected = spec_state_shapes(name)
+    assert sorted(set(ours) - set(expected)) == []
+    assert sorted(set(expected) - set(ours)) == []
+    assert {k: v for k, v in ours.items() if expected[k] != v} == {}
+
+
+@pytest.mark.parametrize("name", list(SPEC))
+def test_parameter_count_matches_spec_formula(name):
+    with torch.device("meta"):
+        model = rnn.RecNeXt(name)
+    assert sum(p.numel() for p in model.parameters()) == spec_parameter_count(name)
+
+
+def test_spec_formulas_agree_with_each_other():
+    # The shape map and the closed-form count are two independent readings of the spec.
+    for name in SPEC:
+        shapes = spec_state_shapes(name)
+        learnable = [s for k, s in shapes.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        assert sum(math.prod(s) for s in learnable) == spec_parameter_count(name)
+
+
+def test_state_shapes_are_a_fresh_dict_each_call():
+    first = rnn.backbone_state_shapes("m3")
+    first["stem.stem.0.conv.weight"] = (0,)
+    assert rnn.backbone_state_shapes("recnext_m3")["stem.stem.0.conv.weight"] == (32, 3, 3, 3)
+
+
+def test_unknown_variant_suggests_close_names():
+    with pytest.raises(UnknownModelError, match="m3"):
+        rnn.build_recnext("m33")
+    assert issubclass(UnknownModelError, RecnextError)
+
+
+def test_m3_maps_image_to_four_strided_maps():
+    _check_feature_maps("m3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in COCO if n != "m3"])
+def test_coco_variants_map_image_to_four_strided_maps(name):
+    _check_feature_maps(name)
+
+
+def _check_feature_maps(name: str) -> None:
+    model = rnn.build_recnext(name).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 160, 224))
+    widths = SPEC[name][1]
+    assert [tuple(o.shape) for o in outs] == [(1, c, 160 // s, 224 // s) for c, s in zip(widths, (4, 8, 16, 32))]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+
+
+@pytest.mark.parametrize("name", COCO)
+def test_strict_load_of_spec_shaped_state_dict(name):
+    state = _random_state_dict(spec_state_shapes(name))
+    with torch.device("meta"):
+        model = rnn.RecNeXt(name)
+    model.load_state_dict(state, strict=True, assign=True)
+    loaded = model.state_dict()
+    for key in ("stem.stem.0.conv.weight", "stages.3.downsample.token_mixer.bias", "stages.2.blocks.0.channel_mixer.2.norm.running_var"):
+        assert torch.equal(loaded[key], state[key])
+
+
+def test_strict_load_rejects_a_wrong_shape():
+    state = _random_state_dict(spec_state_shapes("a3"))
+    state["stages.1.blocks.0.token_mixer.down.1.qk.conv.weight"] = torch.zeros(256, 128, 1, 1)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        rnn.build_recnext("a3").load_state_dict(state, strict=True)
+
+
+
+
+@pytest.mark.parametrize("name", ["m3", "a3"])
+def test_fused_matches_unfused(name):
+    torch.manual_seed(0)
+    model = rnn.build_recnext(name)
+    _randomise_norms(model)
+    model.eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        reference = model(x)
+        fused = copy.deepcopy(model).fuse()
+        out = fused(x)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    assert not any(isinstance(m, rnn.ConvNorm) for m in fused.modules())
+    for a, b in zip(reference, out):
+        assert _max_relative_error(a, b) < 1e-4
+
+
+def test_randomised_norms_change_the_output():
+    # Guards the fusion test: with default BN statistics a forgotten fold would go unnoticed.
+    torch.manual_seed(0)
+    model = rnn.build_recnext("m0").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)[-1]
+        _randomise_norms(model)
+        after = model(x)[-1]
+    assert _max_relative_error(after, before) > 1e-2
+
+
+def test_fold_norm_before_refuses_padded_conv():
+    with pytest.raises(ValueError):
+        rnn.fold_norm_before(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1))
+
+
+def test_fold_helpers_are_exact_on_grouped_and_dense_convs():
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(8)
+    _randomise_norms(norm)
+    norm.eval()
+    x = torch.randn(2, 8, 9, 9)
+    depthwise = nn.Conv2d(8, 8, 7, stride=2, padding=3, groups=8)
+    dense = nn.Conv2d(8, 6, 1)
+    with torch.no_grad():
+        assert _max_relative_error(norm(depthwise(x)), rnn.fold_norm_after(depthwise, norm)(x)) < 1e-5
+        assert _max_relative_error(dense(norm(x)), rnn.fold_norm_before(norm, dense)(x)) < 1e-5
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_linear_and_quadratic_attention_agree(n):
+    g = torch.Generator().manual_seed(n)
+    q = torch.nn.functional.elu(torch.randn(2, 4, 16, n, generator=g)) + 1
+    k = torch.nn.functional.elu(torch.randn(2, 4, 16, n, generator=g)) + 1
+    v = torch.randn(2, 4, 16, n, generator=g)
+    linear = rnn.linear_attention(q, k, v)
+    assert linear.shape == v.shape
+    assert _max_relative_error(rnn.quadratic_attention(q, k, v), linear) < 1e-5
+
+
+def test_a_backbone_with_quadratic_attention_gives_same_features(monkeypatch):
+    torch.manual_seed(0)
+    model = rnn.build_recnext("a0")
+    _randomise_norms(model)
+    model.eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        linear = model(x)
+        monkeypatch.setattr(recnext_module, "linear_attention", rnn.quadratic_attention)
+        quadratic = model(x)
+    for a, b in zip(linear, quadratic):
+        assert _max_relative_error(a, b) < 1e-4
+
+
+
+
+def _count(model: nn.Module, kind: type) -> int:
+    return sum(type(m) is kind for m in model.modules())
+
+
+def test_sync_bn_only_for_several_cuda_processes():
+    assert rnn.should_sync_bn(2, "cuda")
+    assert rnn.should_sync_bn(8, torch.device("cuda", 3))
+    assert not rnn.should_sync_bn(1, "cuda")
+    assert not rnn.should_sync_bn(2, "cpu")
+
+
+def test_maybe_sync_bn_converts_every_norm_when_asked():
+    model = rnn.build_recnext("m0")
+    norms = _count(model, nn.BatchNorm2d)
+    converted = rnn.maybe_sync_bn(model, world_size=2, device="cuda")
+    assert converted is model
+    assert _count(model, nn.BatchNorm2d) == 0
+    assert _count(model, nn.SyncBatchNorm) == norms
+
+
+@pytest.mark.parametrize("world_size, device", [(1, "cuda"), (4, "cpu"), (None, None)])
+def test_maybe_sync_bn_keeps_plain_norms(world_size, device):
+    # (None, None): no process group here, so the default world size is 1.
+    model = rnn.build_recnext("m0")
+    norms = _count(model, nn.BatchNorm2d)
+    rnn.maybe_sync_bn(model, world_size=world_size, device=device)
+    assert _count(model, nn.BatchNorm2d) == norms
+    assert _count(model, nn.SyncBatchNorm) == 0
