@@ -7,7 +7,7 @@ import sys
 import typer
 
 from recnext_cli import __version__
-from recnext_cli.commands import doctor, results, setup
+from recnext_cli.commands import doctor, results, setup, test, train
 from recnext_cli.errors import RecnextError
 
 app = typer.Typer(
@@ -36,6 +36,8 @@ def _root(
 app.command("setup")(setup.setup)
 app.command("doctor")(doctor.doctor)
 app.command("results")(results.results)
+app.command("test", cls=test.VariadicCommand)(test.test)
+app.command("train", cls=test.VariadicCommand)(train.train)
 
 
 def main() -> None:

@@ -1,0 +1,234 @@
+"""`recnext test`: evaluate a zoo model (or your config and checkpoint) on COCO val2017 with N workers."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperCommand
+
+
+def expand_variadic(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """`--eval bbox segm` -> `--eval bbox --eval segm`: every bare word after one of `names` repeats that option."""
+    expanded, current = [], None
+    for index, token in enumerate(args):
+        if token == "--":
+            return expanded + args[index:]
+        if token in names:
+            current = token
+            expanded.append(token)
+            continue
+        if token.startswith("-"):
+            current = None
+        elif current and expanded[-1] != current:
+            expanded.append(current)
+        expanded.append(token)
+    return expanded
+
+
+class VariadicCommand(TyperCommand):
+    """Lets --eval and --cfg-options take several values, as mmdet's tools do; click options take one value each."""
+
+    variadic = ("--eval", "--cfg-options")
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_variadic(args, self.variadic))
+
+
+# Options `recnext train` shares.
+Gpus = Annotated[int, typer.Option(
+    "--gpus", help="Workers per node: GPUs, or with --device cpu the number of CPU worker processes (gloo).",
+)]
+Device = Annotated[Optional[str], typer.Option(
+    "--device", help="cuda or cpu (default: cuda when a GPU is visible)", show_default=False,
+)]
+DataRoot = Annotated[Path, typer.Option("--data-root", help="COCO 2017 root: holds annotations/, train2017/, val2017/.")]
+Launcher = Annotated[Optional[str], typer.Option(
+    "--launcher", help="pytorch (torchrun), slurm (srun) or none (one plain process) "
+    "(default: pytorch for several workers, none for one)", show_default=False,
+)]
+Nnodes = Annotated[int, typer.Option("--nnodes", help="Machines taking part (torchrun: run the command on each).")]
+NodeRank = Annotated[int, typer.Option("--node-rank", help="This machine's index among --nnodes (torchrun).")]
+MasterAddr = Annotated[Optional[str], typer.Option(
+    "--master-addr", help="Address of node 0 (default: 127.0.0.1 on one node; Slurm: its first node)",
+    show_default=False,
+)]
+MasterPort = Annotated[Optional[int], typer.Option(
+    "--master-port", help="Port on node 0 (default: a free port on one node, 29500 across nodes; "
+    "Slurm: derived from the job id)", show_default=False,
+)]
+Partition = Annotated[Optional[str], typer.Option("--partition", help="Slurm partition (srun --partition).")]
+SrunArgs = Annotated[str, typer.Option("--srun-args", help='More srun arguments, e.g. "--time 2:00:00 --cpus-per-task 8".')]
+CfgOptions = Annotated[Optional[list[str]], typer.Option(
+    "--cfg-options", help="Config overrides KEY=VALUE ..., as mmdet's tools take them.", show_default=False,
+)]
+Config = Annotated[Optional[Path], typer.Option(
+    "--config", help="Run this mmdet config instead of the zoo model's (NAME then only labels the results).",
+    show_default=False,
+)]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the command and environment, start nothing.")]
+
+
+def launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args):
+    """Check the launcher options against this machine and return them as a launch.Topology."""
+    from recnext_cli import launch
+
+    # Only a CUDA run needs torch here to count GPUs; `--device cpu` keeps the launching process light.
+    gpus_visible = 0 if device == "cpu" else launch.visible_gpus()
+    topology = launch.Topology(
+        launcher=launcher or launch.default_launcher(gpus * nnodes),
+        nproc_per_node=gpus,
+        device=launch.resolve_device(device, gpus_visible),
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        partition=partition,
+        srun_args=tuple(shlex.split(srun_args)),
+    )
+    launch.check_topology(topology, gpus_visible)
+    return topology
+
+
+def run_or_show(runner: str, runner_args: list[str], topology, notes: list[str], dry_run: bool) -> None:
+    """Print the plan for --dry-run; otherwise run it and exit with the job's status when it fails."""
+    from rich.console import Console
+
+    from recnext_cli import launch
+
+    plan = launch.build_plan(runner, runner_args, topology)
+    console = Console(stderr=True, highlight=False)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    if dry_run:
+        # The command goes to stdout unwrapped and unstyled, so it can be copied or captured as it is.
+        typer.echo(plan.shell())
+        return
+    launch.require_runner_stack()
+    console.print(
+        f"starting {topology.world_size} {topology.device} worker(s) with launcher {topology.launcher}", soft_wrap=True
+    )
+    started = time.monotonic()
+    status = launch.run(plan)
+    if status != 0:
+        console.print(f"[bold red]{runner} job failed[/] (exit {status}) after {time.monotonic() - started:.0f}s")
+        raise typer.Exit(status)
+    console.print(f"{runner} job finished in {time.monotonic() - started:.0f}s")
+
+
+def zoo_config(name: str) -> Path:
+    """The config file the zoo names for a detection model (the zoo keeps them in the repository's configs/)."""
+    from recnext_cli import zoo
+
+    zoo.get_checkpoint(name)  # a classification-only size has no detection config: say so the zoo's way
+    return Path(__file__).resolve().parents[2] / zoo.get_model(name).config
+
+
+def fetched(checkpoint, dry_run: bool, notes: list[str]) -> Path:
+    """The verified cached path of a zoo file, downloaded first if needed; with --dry-run only where it would be."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from recnext_cli import fetch
+
+    if dry_run:
+        state = fetch.cached_state(checkpoint)
+        if state.status != fetch.VERIFIED:
+            notes.append(
+                f"{checkpoint.file_name} is {state.status} in the cache: the run first downloads and verifies "
+                f"{fetch.download_url(checkpoint)} into {state.path}"
+            )
+        return state.path
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(checkpoint.file_name, total=None)
+        return fetch.ensure_file(checkpoint, lambda done, total: progress.update(task, completed=done, total=total))
+
+
+def resolved_files(name: str, config: Path | None, checkpoint: Path | None, dry_run: bool, notes: list[str]):
+    """(config, checkpoint) for NAME: yours when given, else the zoo's (downloaded and verified unless --dry-run)."""
+    from recnext_cli import zoo
+    from recnext_cli.errors import UnknownModelError, UsageError
+
+    if checkpoint is None:
+        try:
+            record = zoo.get_checkpoint(name)
+        except UnknownModelError as exc:
+            if config is None:
+                raise
+            raise UsageError(f"{exc}; a --config outside the zoo also needs --checkpoint") from None
+        checkpoint = fetched(record, dry_run, notes)
+    return (config or zoo_config(name)).resolve(), checkpoint.resolve()
+
+
+def test(
+    name: Annotated[str, typer.Argument(help="Zoo model (m3, m4, m5, a3, a4, a5), or any label with --config.")],
+    gpus: Gpus = 1,
+    data_root: DataRoot = Path("data/coco"),
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="Detector weights (default: the zoo checkpoint, downloaded and verified into the cache)",
+        show_default=False,
+    )] = None,
+    metrics: Annotated[list[str], typer.Option("--eval", help="COCO metrics: bbox segm.")] = ["bbox", "segm"],  # noqa: B006
+    device: Device = None,
+    nnodes: Nnodes = 1,
+    node_rank: NodeRank = 0,
+    master_addr: MasterAddr = None,
+    master_port: MasterPort = None,
+    launcher: Launcher = None,
+    partition: Partition = None,
+    srun_args: SrunArgs = "",
+    cfg_options: CfgOptions = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Metrics JSON to write (default: work_dirs/NAME/test_result.json)", show_default=False,
+    )] = None,
+    dry_run: DryRun = False,
+    config: Config = None,
+) -> None:
+    """Evaluate NAME on COCO val2017 with --gpus workers (torchrun, Slurm or one process) and print its README row.
+
+    Before any worker starts, the checkpoint is downloaded and verified and the dataset layout is checked.
+    Put NAME first: --eval and --cfg-options take every word that follows them, as in mmdet's tools.
+    """
+    from recnext_cli import launch
+
+    notes: list[str] = []
+    topology = launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
+    config_path, checkpoint_path = resolved_files(name, config, checkpoint, dry_run, notes)
+    data_root = data_root.resolve()
+    if dry_run:
+        missing = launch.coco_layout_problems(data_root, launch.SPLITS_FOR["test"])
+        if missing:
+            notes.append(f"dataset incomplete, the run would stop here: {data_root} lacks {', '.join(missing)}")
+    else:
+        launch.check_coco_layout(data_root, launch.SPLITS_FOR["test"])
+    out = (out or Path("work_dirs") / name / "test_result.json").resolve()
+    runner_args = [
+        str(config_path), "--checkpoint", str(checkpoint_path), "--data-root", str(data_root),
+        "--device", topology.device, "--model-name", name, "--out", str(out), "--eval", *metrics,
+    ]
+    if cfg_options:
+        runner_args += ["--cfg-options", *cfg_options]
+    run_or_show("test", runner_args, topology, notes, dry_run)
+    if not dry_run:
+        show_result(out, topology)
+
+
+def show_result(out: Path, topology) -> None:
+    """Print the README-format row of the metrics rank 0 wrote (only where rank 0's files are: node 0 or Slurm)."""
+    import json
+
+    from recnext_cli import results
+
+    if topology.launcher == "pytorch" and topology.node_rank != 0:
+        return
+    metrics = json.loads(out.read_text())["metrics"]
+    if all(key in metrics for key in results.METRICS):
+        typer.echo(results.markdown_table([results.read_result_file(out)]), nl=False)
+    else:
+        # The README row needs both bbox and segm; with fewer metrics, show what was computed.
+        for key, value in metrics.items():
+            typer.echo(f"{key}: {value}")
+    typer.echo(f"metrics written to {out}", err=True)

@@ -1,0 +1,110 @@
+"""`recnext train`: train a RecNeXt Mask R-CNN (the zoo's config or yours) from ImageNet weights with N workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from recnext_cli.commands.test import (
+    CfgOptions,
+    Config,
+    DataRoot,
+    Device,
+    DryRun,
+    Gpus,
+    Launcher,
+    MasterAddr,
+    MasterPort,
+    Nnodes,
+    NodeRank,
+    Partition,
+    SrunArgs,
+    fetched,
+    launch_topology,
+    run_or_show,
+    zoo_config,
+)
+
+
+def resolved_files(name: str, config: Path | None, dry_run: bool, notes: list[str]) -> tuple[Path, Path | None]:
+    """(config, ImageNet pretrain) for NAME: the zoo's, or your config with the zoo pretrain when NAME is in the zoo."""
+    from recnext_cli import zoo
+    from recnext_cli.errors import UnknownModelError
+
+    try:
+        record = zoo.get_checkpoint(name, pretrain=True)
+    except UnknownModelError:
+        if config is None:
+            raise
+        notes.append(f"{name!r} is not in the zoo: the backbone starts from what {config.name} itself says")
+        return config.resolve(), None
+    config = config or zoo_config(name)
+    return config.resolve(), fetched(record, dry_run, notes).resolve()
+
+
+def train(
+    name: Annotated[str, typer.Argument(help="Zoo model (m3, m4, m5, a3, a4, a5), or any label with --config.")],
+    gpus: Gpus = 1,
+    data_root: DataRoot = Path("data/coco"),
+    work_dir: Annotated[Optional[Path], typer.Option(
+        "--work-dir", help="Checkpoints, mmdet's .log and .log.json, config dump (default: work_dirs/NAME)",
+        show_default=False,
+    )] = None,
+    resume_from: Annotated[Optional[Path], typer.Option(
+        "--resume-from", help="Continue from this checkpoint (weights, optimizer, epoch).", show_default=False,
+    )] = None,
+    auto_resume: Annotated[bool, typer.Option(
+        "--auto-resume", help="Continue from the work dir's last complete checkpoint, if there is one.",
+    )] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of every worker.")] = 0,
+    device: Device = None,
+    nnodes: Nnodes = 1,
+    node_rank: NodeRank = 0,
+    master_addr: MasterAddr = None,
+    master_port: MasterPort = None,
+    launcher: Launcher = None,
+    partition: Partition = None,
+    srun_args: SrunArgs = "",
+    cfg_options: CfgOptions = None,
+    dry_run: DryRun = False,
+    config: Config = None,
+) -> None:
+    """Train NAME's Mask R-CNN on COCO train2017 with --gpus workers (torchrun, Slurm or one process).
+
+    The ImageNet pretrain is downloaded and verified and the dataset layout is checked before any worker starts.
+    Checkpoints are written to a temporary name and renamed when complete, so --auto-resume after a killed job
+    continues from the last complete one. Put NAME first: --cfg-options takes every word that follows it.
+    """
+    from recnext_cli import launch
+    from recnext_cli.errors import UsageError
+
+    if resume_from and auto_resume:
+        raise UsageError("--resume-from and --auto-resume exclude each other: name a checkpoint, or let the work dir decide")
+    notes: list[str] = []
+    topology = launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
+    config_path, pretrain = resolved_files(name, config, dry_run, notes)
+    data_root = data_root.resolve()
+    if dry_run:
+        missing = launch.coco_layout_problems(data_root, launch.SPLITS_FOR["train"])
+        if missing:
+            notes.append(f"dataset incomplete, the run would stop here: {data_root} lacks {', '.join(missing)}")
+    else:
+        launch.check_coco_layout(data_root, launch.SPLITS_FOR["train"])
+    work_dir = (work_dir or Path("work_dirs") / name).resolve()
+    runner_args = [
+        str(config_path), "--data-root", str(data_root), "--device", topology.device,
+        "--work-dir", str(work_dir), "--seed", str(seed),
+    ]
+    if pretrain:
+        runner_args += ["--pretrain", str(pretrain)]
+    if resume_from:
+        runner_args += ["--resume-from", str(resume_from.resolve())]
+    if auto_resume:
+        runner_args.append("--auto-resume")
+    if cfg_options:
+        runner_args += ["--cfg-options", *cfg_options]
+    run_or_show("train", runner_args, topology, notes, dry_run)
+    if not dry_run:
+        typer.echo(f"checkpoints and logs (mmdet's *.log.json included) in {work_dir}", err=True)

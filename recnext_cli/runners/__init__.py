@@ -1,0 +1,101 @@
+"""What every worker process does first: join the job (torchrun or Slurm), repair mmcv/mmdet, load the config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from recnext_cli.errors import EnvironmentProblem
+from recnext_cli.launch import COCO_SPLITS, DEVICES, LAUNCHERS
+
+# mmdet's config keys for each split, and the COCO 2017 split each one reads (the upstream configs test on val2017).
+CONFIG_SPLITS = {"train": "train2017", "val": "val2017", "test": "val2017"}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="mmdet config file")
+    parser.add_argument("--data-root", required=True, type=Path, help="COCO 2017 root (holds annotations/)")
+    parser.add_argument("--device", choices=DEVICES, default="cuda")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="none")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, as mmdet's tools take them")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list such as `gpu[03-05,09],cpu1` (what `scontrol show hostnames` prints first)."""
+    depth, end = 0, len(nodelist)
+    for index, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = index
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end])
+
+
+def slurm_master_port(job_id: str) -> int:
+    # Jobs whose first node is the same machine would collide on one fixed port; the job id spreads them out.
+    return 20000 + int(job_id) % 20000
+
+
+def torchrun_env_from_slurm(environ: dict[str, str]) -> dict[str, str]:
+    """The RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* variables torchrun would set, derived from an srun task's variables."""
+    try:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"]
+        env = {
+            "RANK": environ["SLURM_PROCID"],
+            "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ["SLURM_LOCALID"],
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodelist),
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(slurm_master_port(environ["SLURM_JOB_ID"])),
+        }
+    except KeyError as exc:
+        raise EnvironmentProblem(
+            f"--launcher slurm, but {exc.args[0]} is not set: start the workers with srun (as `recnext … --launcher slurm` does)"
+        ) from None
+    return env
+
+
+def join_job(launcher: str) -> None:
+    """Make the environment look like torchrun's, whichever launcher started this worker."""
+    if launcher == "slurm":
+        os.environ.update(torchrun_env_from_slurm(dict(os.environ)))
+
+
+def point_at_dataset(cfg, data_root: Path) -> None:
+    """Aim the train/val/test datasets of an mmdet config at a COCO 2017 tree (RepeatDataset-style wrappers included)."""
+    cfg.data_root = f"{data_root}/"
+    for key, split in CONFIG_SPLITS.items():
+        annotations, images = COCO_SPLITS[split]
+        datasets = cfg.data.get(key)
+        for dataset in datasets if isinstance(datasets, list) else [datasets]:
+            while dataset is not None and "dataset" in dataset:
+                dataset = dataset.dataset
+            if dataset is not None:
+                dataset.ann_file = str(data_root / annotations)
+                dataset.img_prefix = f"{data_root / images}/"
+
+
+def load_config(path: str, data_root: Path, cfg_options: list[str]):
+    """The mmdet config at `path`, aimed at `data_root`, with `KEY=VALUE` overrides applied last so they win."""
+    from mmcv import Config, DictAction
+    from mmdet.utils import replace_cfg_vals
+
+    cfg = replace_cfg_vals(Config.fromfile(path))
+    point_at_dataset(cfg, data_root)
+    if cfg_options:
+        # mmcv's own parser for `KEY=VALUE`, so lists and tuples read as they do with mmdet's tools.
+        parsed = argparse.Namespace()
+        DictAction(option_strings=[], dest="overrides")(None, parsed, cfg_options)
+        cfg.merge_from_dict(parsed.overrides)
+    return cfg
+
+
+def prepare_worker(launcher: str) -> None:
+    """Join the job's environment, apply the in-process mmcv/mmdet fixes, register the RecNeXt backbones."""
+    join_job(launcher)
+    from recnext_cli import compat
+
+    compat.apply_all()
+    import recnext_cli.models  # noqa: F401  (registers the RecNeXt backbones with mmdet)

@@ -1,0 +1,130 @@
+"""Worker of `recnext train`: one rank of mmdet's train_detector, with checkpoints that are never half-written."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from recnext_cli.runners import add_common_arguments, load_config, prepare_worker
+
+STAGING_PREFIX = ".saving-"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m recnext_cli.runners.train", description=__doc__)
+    add_common_arguments(parser)
+    parser.add_argument("--work-dir", required=True, type=Path, help="logs, config dump and checkpoints")
+    parser.add_argument("--pretrain", help="ImageNet weights for the backbone (model.backbone.init_cfg.checkpoint)")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume-from", help="checkpoint to continue from (weights, optimizer, epoch)")
+    resume.add_argument("--auto-resume", action="store_true", help="continue from the work dir's last checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def link_latest(out_dir: str, filename: str) -> None:
+    """Point out_dir/latest.pth at `filename` in one step (mmcv removes the old link first, then creates the new)."""
+    staged = os.path.join(out_dir, f"{STAGING_PREFIX}latest.pth")
+    if os.path.lexists(staged):
+        os.remove(staged)
+    os.symlink(filename, staged)
+    os.replace(staged, os.path.join(out_dir, "latest.pth"))
+
+
+class AtomicCheckpointMixin:
+    """mmcv runners write a checkpoint straight to its final name: a job killed meanwhile leaves a torn file there,
+    which `--auto-resume` would then pick. This saves into a staging folder beside it and renames when complete."""
+
+    def save_checkpoint(self, out_dir, *args, create_symlink=True, **kwargs):
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
+            super().save_checkpoint(staging, *args, create_symlink=False, **kwargs)
+            (filename,) = os.listdir(staging)
+            os.replace(os.path.join(staging, filename), os.path.join(out_dir, filename))
+        if create_symlink:
+            link_latest(out_dir, filename)
+
+
+def atomic_runner_type(base_type: str) -> str:
+    """Register (once) an mmcv runner type that is `base_type` with atomic checkpoint saving; return its name."""
+    from mmcv.runner import RUNNERS
+
+    name = f"Atomic{base_type}"
+    if RUNNERS.get(name) is None:
+        base = RUNNERS.get(base_type)
+        RUNNERS.register_module(name=name, module=type(name, (AtomicCheckpointMixin, base), {}))
+    return name
+
+
+def remove_stale_staging(work_dir: Path) -> None:
+    """Staging folders left by a job killed while saving: their checkpoints never became complete."""
+    for stale in work_dir.glob(f"{STAGING_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def use_pretrain(cfg, checkpoint: str) -> None:
+    init_cfg = cfg.model.backbone.get("init_cfg") or {"type": "Pretrained"}
+    cfg.model.backbone.init_cfg = {**init_cfg, "checkpoint": checkpoint}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prepare_worker(args.launcher)
+    import torch.distributed as dist
+    from mmdet import __version__ as mmdet_version
+    from mmdet.apis import set_random_seed, train_detector
+    from mmdet.datasets import build_dataset
+    from mmdet.models import build_detector
+    from mmdet.utils import get_root_logger, setup_multi_processes
+
+    from recnext_cli import compat
+
+    cfg = load_config(args.config, args.data_root, args.cfg_options)
+    setup_multi_processes(cfg)
+    if args.pretrain:
+        use_pretrain(cfg, args.pretrain)
+    cfg.work_dir = str(args.work_dir)
+    cfg.resume_from = args.resume_from
+    cfg.auto_resume = args.auto_resume
+    cfg.device = args.device
+    cfg.seed = args.seed
+    cfg.runner.type = atomic_runner_type(cfg.runner.type)
+    rank, world_size = compat.init_distributed(args.device)
+    distributed = dist.is_initialized()
+    cfg.gpu_ids = range(world_size) if distributed else [0]
+
+    timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
+    if rank == 0:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(args.work_dir)
+        cfg.dump(str(args.work_dir / Path(args.config).name))
+    if distributed:
+        # Nobody writes into the work dir before rank 0 has created it and cleared what a killed job left behind.
+        dist.barrier()
+    logger = get_root_logger(log_file=str(args.work_dir / f"{timestamp}.log"), log_level=cfg.log_level)
+    logger.info(f"distributed: {distributed} ({world_size} x {args.device}), seed {args.seed}")
+    set_random_seed(args.seed)
+
+    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    model.init_weights()
+    datasets = [build_dataset(cfg.data.train)]
+    model.CLASSES = datasets[0].CLASSES
+    if cfg.checkpoint_config is not None:
+        # As mmdet's tools/train.py: class names in every checkpoint, so testing it needs no dataset to name them.
+        cfg.checkpoint_config.meta = {"mmdet_version": mmdet_version, "CLASSES": datasets[0].CLASSES}
+    meta = {"seed": args.seed, "exp_name": Path(args.config).name, "config": cfg.pretty_text}
+    train_detector(model, datasets, cfg, distributed=distributed, validate=True, timestamp=timestamp, meta=meta)
+    if distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
