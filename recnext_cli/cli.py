@@ -7,7 +7,7 @@ import sys
 import typer
 
 from recnext_cli import __version__
-from recnext_cli.commands import doctor, results, setup, test, train
+from recnext_cli.commands import doctor, download, list_, results, setup, test, train, verify
 from recnext_cli.errors import RecnextError
 
 app = typer.Typer(
@@ -34,6 +34,9 @@ def _root(
 
 
 app.command("setup")(setup.setup)
+app.command("list")(list_.list_models)
+app.command("download")(download.download)
+app.command("verify")(verify.verify)
 app.command("doctor")(doctor.doctor)
 app.command("results")(results.results)
 app.command("test", cls=test.VariadicCommand)(test.test)

@@ -1,0 +1,90 @@
+"""`recnext list`: the model zoo with its published COCO results and what the cache holds of each file."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+# One symbol per cache status keeps the README-shaped table within 80 columns; the caption spells them out.
+STATUS_MARKS = {
+    "verified": "[green]✓[/]",
+    "unverified": "[yellow]?[/]",
+    "missing": "[dim]–[/]",
+    "failed": "[red]✗[/]",
+}
+LEGEND = "✓ verified  ? not verified yet  ✗ failed its check  – not cached"
+METRIC_COLUMNS = (
+    ("APᵇ", "box_ap"),
+    ("AP₅₀ᵇ", "box_ap50"),
+    ("AP₇₅ᵇ", "box_ap75"),
+    ("APᵐ", "mask_ap"),
+    ("AP₅₀ᵐ", "mask_ap50"),
+    ("AP₇₅ᵐ", "mask_ap75"),
+)
+
+
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List RecNeXt models: published COCO box/mask AP and latency, and whether each file is cached and verified."""
+    import dataclasses
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from recnext_cli import cache, fetch, zoo
+
+    def file_entry(checkpoint: zoo.Checkpoint | None) -> dict | None:
+        if checkpoint is None:
+            return None
+        state = fetch.cached_state(checkpoint)
+        return {
+            "file_name": checkpoint.file_name,
+            "url": fetch.download_url(checkpoint),
+            "path": str(state.path),
+            "status": state.status,
+            "detail": state.detail,
+        }
+
+    rows = [
+        {
+            "name": model.name,
+            "title": model.title,
+            "series": model.series,
+            "release_tag": model.release_tag,
+            "config": model.config,
+            "metrics": dataclasses.asdict(model.metrics) if model.metrics else None,
+            "checkpoint": file_entry(model.coco),
+            "pretrain": file_entry(model.pretrain),
+        }
+        for model in zoo.MODELS.values()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+
+    caption = f"{LEGEND}\ncache: {cache.checkpoints_dir()}"
+    table = Table(box=box.SIMPLE_HEAD, caption=caption, caption_justify="left", collapse_padding=True, pad_edge=False)
+    table.add_column("Model", no_wrap=True)
+    for title, _ in METRIC_COLUMNS:
+        table.add_column(title, justify="center")
+    table.add_column("Latency", justify="center")
+    table.add_column("Ckpt", justify="center")
+    table.add_column("Pretrain", justify="center")
+    for section in ([row for row in rows if row["metrics"]], [row for row in rows if not row["metrics"]]):
+        for row in section:
+            table.add_row(row["title"], *_metric_cells(row["metrics"]), _file_cell(row["checkpoint"]), _file_cell(row["pretrain"]))
+        table.add_section()
+    Console().print(table)
+
+
+def _metric_cells(metrics: dict | None) -> list[str]:
+    if metrics is None:
+        return ["—"] * (len(METRIC_COLUMNS) + 1)
+    return [f"{metrics[key]:.1f}" for _, key in METRIC_COLUMNS] + [f"{metrics['latency_ms']:.1f}ms"]
+
+
+def _file_cell(entry: dict | None) -> str:
+    return STATUS_MARKS[entry["status"]] if entry else ""

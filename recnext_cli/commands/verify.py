@@ -1,0 +1,54 @@
+"""`recnext verify`: re-hash cached checkpoints and re-check their structure; exit 1 when any fails."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def verify(
+    names: list[str] = typer.Argument(None, metavar="[NAME...]", help="Models whose files to check (default: every cached file)."),
+    pretrain: bool = typer.Option(False, "--pretrain", help="Check the named models' ImageNet pretraining checkpoints instead."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Re-hash cached checkpoints against their pinned or recorded SHA-256 and check their backbone keys and shapes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from recnext_cli import cache, fetch, zoo
+
+    if names:
+        checkpoints = [zoo.get_checkpoint(name, pretrain) for name in names]
+    else:
+        checkpoints = [c for c in zoo.CHECKPOINTS.values() if cache.checkpoint_path(c.file_name).is_file()]
+
+    console = Console(stderr=as_json)
+    states = []
+    for checkpoint in checkpoints:
+        with console.status(f"verifying {checkpoint.file_name}"):
+            states.append(fetch.verify_cached(checkpoint))
+    failed = [state for state in states if state.status != fetch.VERIFIED]
+
+    if as_json:
+        typer.echo(json.dumps([
+            {
+                "model": state.checkpoint.model,
+                "kind": state.checkpoint.kind,
+                "file_name": state.checkpoint.file_name,
+                "path": str(state.path),
+                "status": state.status,
+                "detail": state.detail,
+            }
+            for state in states
+        ], indent=2))
+    elif not states:
+        console.print(f"nothing cached in {cache.checkpoints_dir()}")
+    else:
+        table = Table("File", "Status", "Detail")
+        for state in states:
+            mark = "[green]✓ verified[/]" if state.status == fetch.VERIFIED else f"[red]✗ {state.status}[/]"
+            table.add_row(state.checkpoint.file_name, mark, state.detail)
+        console.print(table)
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,362 @@
+"""Downloads against a real local HTTP server: resume, retries, faults, integrity, offline mode and concurrent processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from httpserver import Fault, FileServer, checkpoint_bytes
+from recnext_cli import cache, fetch, zoo
+from recnext_cli.errors import DownloadError, IntegrityError
+
+M3 = zoo.get_checkpoint("m3")
+M3_PRETRAIN = zoo.get_checkpoint("m3", pretrain=True)
+CHUNK = 64 * 1024
+BACKOFF = 0.001
+
+
+def url_path(checkpoint: zoo.Checkpoint) -> str:
+    return f"/{checkpoint.release_tag}/{checkpoint.file_name}"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cached_names() -> list[str]:
+    return sorted(path.name for path in cache.checkpoints_dir().iterdir())
+
+
+@pytest.fixture
+def good() -> bytes:
+    # About 1.6 MB: large enough to be cut several times in the middle.
+    return checkpoint_bytes("m3", "coco", pad=300_000)
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path, good):
+    monkeypatch.setenv("RECNEXT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RECNEXT_OFFLINE", raising=False)
+    monkeypatch.setattr(fetch, "CHUNK_SIZE", CHUNK)
+    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", BACKOFF)
+    with FileServer({url_path(M3): good}) as files:
+        monkeypatch.setenv("RECNEXT_BASE_URL", files.url)
+        yield files
+
+
+def test_clean_download_is_verified_recorded_and_then_served_from_the_cache(server, good):
+    reports = []
+    path = fetch.ensure_file(M3, lambda done, total: reports.append((done, total)))
+    assert path == cache.checkpoint_path(M3.file_name)
+    assert path.read_bytes() == good
+    assert reports[-1] == (len(good), len(good))
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+    assert cache.recorded(M3.file_name) == cache.Record(sha256(good), len(good))
+    assert not [name for name in cached_names() if name.endswith(".part")]
+    requests_so_far = len(server.log)
+    assert fetch.ensure_file(M3) == path
+    assert len(server.log) == requests_so_far
+
+
+def test_connection_cut_three_times_resumes_where_it_stopped(server, good):
+    server.faults = [Fault(cut_after=300_000), Fault(cut_after=250_000), Fault(cut_after=200_000)]
+    path = fetch.ensure_file(M3)
+    assert path.read_bytes() == good
+    assert [entry.status for entry in server.log] == [200, 206, 206, 206]
+    for previous, resumed in zip(server.log, server.log[1:]):
+        reached = (previous.range_start or 0) + previous.sent
+        # A reset loses at most the chunk the client was in the middle of reading; nothing before it is asked again.
+        assert reached - CHUNK <= resumed.range_start <= reached
+    assert server.bytes_sent() - len(good) <= 3 * CHUNK
+
+
+def test_a_later_run_resumes_what_an_earlier_run_left(server, good, monkeypatch):
+    monkeypatch.setattr(fetch, "RETRIES", 1)
+    server.faults = [Fault(cut_after=400_000), Fault(status=503)]
+    with pytest.raises(DownloadError, match="run the same command again to resume"):
+        fetch.ensure_file(M3)
+    path = cache.checkpoint_path(M3.file_name)
+    parked = path.with_name(f"{path.name}.part")
+    kept = parked.stat().st_size
+    assert 0 < kept <= 400_000
+    assert not path.exists()
+    fetch.ensure_file(M3)
+    assert server.log[-1].range_start == kept
+    assert path.read_bytes() == good
+    assert not parked.exists()
+
+
+def test_a_500_is_retried_after_a_backoff(server, good, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(fetch.time, "sleep", sleeps.append)
+    server.faults = [Fault(status=500)]
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert [entry.status for entry in server.log] == [500, 200]
+    assert sleeps == [BACKOFF]
+
+
+def test_persistent_5xx_gives_up_with_exponential_backoff(server, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(fetch.time, "sleep", sleeps.append)
+    monkeypatch.setattr(fetch, "RETRIES", 3)
+    server.faults = [Fault(status=502)] * 4
+    with pytest.raises(DownloadError, match="502"):
+        fetch.ensure_file(M3)
+    assert sleeps == [BACKOFF, 2 * BACKOFF, 4 * BACKOFF]
+    assert cached_names() == [f"{M3.file_name}.lock"]
+
+
+def test_404_fails_at_once_with_the_address_and_leaves_nothing(server):
+    del server.files[url_path(M3)]
+    with pytest.raises(DownloadError) as failure:
+        fetch.ensure_file(M3)
+    assert "404" in str(failure.value) and server.url + url_path(M3) in str(failure.value)
+    assert len(server.log) == 1
+    assert cached_names() == [f"{M3.file_name}.lock"]
+    assert cache.recorded(M3.file_name) is None
+
+
+def test_bytes_that_differ_from_the_pinned_digest_never_enter_the_cache(server, good):
+    pinned = dataclasses.replace(M3, sha256=sha256(good))
+    corrupted = bytearray(good)
+    corrupted[len(good) // 2] ^= 0xFF
+    server.files[url_path(M3)] = bytes(corrupted)
+    with pytest.raises(IntegrityError, match="pins"):
+        fetch.ensure_file(pinned)
+    assert cached_names() == [f"{M3.file_name}.lock"]
+    assert cache.recorded(M3.file_name) is None
+
+
+def test_bytes_that_differ_from_the_recorded_digest_are_refused(server, good):
+    path = fetch.ensure_file(M3)
+    path.unlink()
+    server.files[url_path(M3)] = checkpoint_bytes("m3", "coco", seed=1, pad=300_000)
+    with pytest.raises(IntegrityError, match="recorded"):
+        fetch.ensure_file(M3)
+    assert not path.exists()
+    assert cache.recorded(M3.file_name).sha256 == sha256(good)
+
+
+def test_force_refuses_changed_bytes_unless_the_new_digest_is_accepted(server, good):
+    path = fetch.ensure_file(M3)
+    republished = checkpoint_bytes("m3", "coco", seed=1, pad=300_000)
+    server.files[url_path(M3)] = republished
+    with pytest.raises(IntegrityError, match="--accept-new-digest"):
+        fetch.ensure_file(M3, force=True)
+    assert path.read_bytes() == good
+    assert cache.recorded(M3.file_name).sha256 == sha256(good)
+    fetch.ensure_file(M3, force=True, accept_new_digest=True)
+    assert path.read_bytes() == republished
+    assert cache.recorded(M3.file_name) == cache.Record(sha256(republished), len(republished))
+
+
+def test_offline_mode_never_opens_a_connection(server, good, monkeypatch):
+    def refuse(*args):
+        raise AssertionError("a connection was opened in offline mode")
+
+    monkeypatch.setenv("RECNEXT_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    with pytest.raises(DownloadError) as failure:
+        fetch.ensure_file(M3)
+    message = str(failure.value)
+    assert "RECNEXT_OFFLINE" in message and "recnext download m3" in message
+    assert str(cache.checkpoint_path(M3.file_name)) in message
+    assert server.log == []
+
+
+def test_offline_mode_serves_a_verified_cached_file(server, good, monkeypatch):
+    path = fetch.ensure_file(M3)
+    monkeypatch.setenv("RECNEXT_OFFLINE", "1")
+    assert fetch.ensure_file(M3) == path
+    assert len(server.log) == 1
+
+
+def test_a_server_that_ignores_range_makes_the_download_start_over(server, good):
+    server.supports_range = False
+    server.faults = [Fault(cut_after=500_000)]
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert [entry.status for entry in server.log] == [200, 200]
+    assert server.log[1].range_start > 0
+    assert server.bytes_sent() == 500_000 + len(good)
+
+
+def test_a_body_shorter_than_its_content_length_is_detected_and_resumed(server, good):
+    server.faults = [Fault(truncate_after=700_000)]
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert [(entry.status, entry.range_start) for entry in server.log] == [(200, None), (206, 700_000)]
+
+
+def test_bodies_that_always_stop_short_leave_no_complete_looking_file(server, monkeypatch):
+    monkeypatch.setattr(fetch, "RETRIES", 2)
+    server.faults = [Fault(truncate_after=0)] * 3
+    with pytest.raises(DownloadError):
+        fetch.ensure_file(M3)
+    assert len(server.log) == 3
+    assert cached_names() == [f"{M3.file_name}.lock"]
+
+
+def test_kept_bytes_longer_than_the_file_are_dropped(server, good):
+    path = cache.checkpoint_path(M3.file_name)
+    path.parent.mkdir(parents=True)
+    path.with_name(f"{path.name}.part").write_bytes(b"x" * (len(good) + 10))
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert [entry.status for entry in server.log] == [416, 200]
+
+
+def test_a_wrong_backbone_is_refused_and_not_recorded(server):
+    server.files[url_path(M3)] = checkpoint_bytes("m4", "coco")
+    with pytest.raises(IntegrityError, match="does not hold a RecNeXt-M3 coco checkpoint: .*unexpected backbone keys"):
+        fetch.ensure_file(M3)
+    assert cached_names() == [f"{M3.file_name}.lock"]
+    assert cache.recorded(M3.file_name) is None
+
+
+def test_an_imagenet_file_is_refused_where_a_coco_checkpoint_belongs(server):
+    server.files[url_path(M3)] = checkpoint_bytes("m3", "imagenet")
+    with pytest.raises(IntegrityError, match="no 'state_dict' state dict"):
+        fetch.ensure_file(M3)
+
+
+def test_pretrain_checkpoint_downloads_by_model_name(server):
+    pretrain = checkpoint_bytes("m3", "imagenet")
+    server.files[url_path(M3_PRETRAIN)] = pretrain
+    path = fetch.ensure_checkpoint("m3", pretrain=True)
+    assert path.name == "recnext_m3_distill_300e.pth"
+    assert path.read_bytes() == pretrain
+
+
+def test_a_corrupted_cached_file_fails_verification_and_is_fetched_again(server, good):
+    path = fetch.ensure_file(M3)
+    damaged = bytearray(good)
+    damaged[1000] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    state = fetch.verify_cached(M3)
+    assert state.status == fetch.FAILED and "recorded" in state.detail
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert len(server.log) == 2
+
+
+def test_a_file_placed_by_hand_is_checked_and_trusted_on_first_use(server, good, monkeypatch):
+    monkeypatch.setenv("RECNEXT_OFFLINE", "1")
+    path = cache.checkpoint_path(M3.file_name)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(checkpoint_bytes("m4", "coco"))
+    with pytest.raises(DownloadError, match="failed its check .*RecNeXt-M3"):
+        fetch.ensure_file(M3)
+    path.write_bytes(good)
+    assert fetch.ensure_file(M3) == path
+    assert cache.recorded(M3.file_name) == cache.Record(sha256(good), len(good))
+    assert server.log == []
+
+
+def test_cached_state_reads_only_the_manifest_and_size(server, good):
+    assert fetch.cached_state(M3).status == fetch.MISSING
+    path = fetch.ensure_file(M3)
+    assert fetch.cached_state(M3).status == fetch.VERIFIED
+    with path.open("ab") as out:
+        out.write(b"!")
+    assert fetch.cached_state(M3).status == fetch.FAILED
+    cache.manifest_path().unlink()
+    assert fetch.cached_state(M3).status == fetch.UNVERIFIED
+
+
+def test_mmdet_numpy_meta_loads_under_numpy_1_and_2_names(tmp_path):
+    data = checkpoint_bytes("m3", "coco", numpy_meta=True)
+    numpy2 = tmp_path / "numpy2.pth"
+    numpy2.write_bytes(data)
+    fetch.check_structure(numpy2, M3)
+    numpy1 = tmp_path / "numpy1.pth"
+    numpy1.write_bytes(_rename_in_pickle(data, b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    fetch.check_structure(numpy1, M3)
+
+
+def test_pickled_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    path = tmp_path / "evil.pth"
+    torch.save({"meta": RunsCode(), "state_dict": {}}, path)
+    with pytest.raises(IntegrityError, match="weights_only"):
+        fetch.check_structure(path, M3)
+    assert not marker.exists()
+
+
+def _rename_in_pickle(checkpoint: bytes, old: bytes, new: bytes) -> bytes:
+    """The same checkpoint with a module name rewritten in its pickle, as an older numpy would have written it."""
+    source = zipfile.ZipFile(io.BytesIO(checkpoint))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for member in source.infolist():
+            content = source.read(member)
+            if member.filename.endswith("data.pkl"):
+                assert old in content
+                content = content.replace(old, new)
+            target.writestr(member, content)
+    return out.getvalue()
+
+
+WORKER = textwrap.dedent(
+    """
+    import contextlib, sys, time
+    from pathlib import Path
+    from recnext_cli import cache, fetch
+
+    ready, count, locks = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    if locks == "no-op":
+        # What a file system with silently ineffective locks (Lustre, GPFS) does to every lock.
+        fetch.FileLock = cache.FileLock = lambda path: contextlib.nullcontext()
+    (ready / sys.argv[4]).touch()
+    while len(list(ready.iterdir())) < count:
+        time.sleep(0.01)
+    print(fetch.ensure_checkpoint("m3"))
+    """
+)
+
+
+def _download_in_processes(server, tmp_path, locks: str, count: int = 4) -> list[str]:
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    server.chunk_delay = 0.005
+    env = {**os.environ, "RECNEXT_HOME": os.environ["RECNEXT_HOME"], "RECNEXT_BASE_URL": server.url}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, str(ready), str(count), locks, str(i)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(count)
+    ]
+    results = [worker.communicate(timeout=120) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * count, [err for _, err in results]
+    return [out.strip() for out, _ in results]
+
+
+@pytest.mark.slow
+def test_four_processes_share_one_download(server, good, tmp_path):
+    paths = _download_in_processes(server, tmp_path, locks="file")
+    assert set(paths) == {str(cache.checkpoint_path(M3.file_name))}
+    assert Path(paths[0]).read_bytes() == good
+    assert len(server.log) == 1 and server.bytes_sent() == len(good)
+    assert cache.read_manifest() == {M3.file_name: cache.Record(sha256(good), len(good))}
+    assert not [name for name in cached_names() if name.endswith((".part", ".tmp"))]
+
+
+@pytest.mark.slow
+def test_writers_without_working_locks_still_leave_one_good_file(server, good, tmp_path):
+    paths = _download_in_processes(server, tmp_path, locks="no-op", count=3)
+    assert set(paths) == {str(cache.checkpoint_path(M3.file_name))}
+    assert Path(paths[0]).read_bytes() == good
+    assert len(server.log) >= 2  # the writers really overlapped
+    assert cache.read_manifest() == {M3.file_name: cache.Record(sha256(good), len(good))}
+    assert not [name for name in cached_names() if name.endswith((".part", ".tmp"))]
