@@ -9,6 +9,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from recnext_cli import zoo
 from recnext_cli.errors import IntegrityError, UsageError
 
 # The six COCO numbers of the README table, by the names mmdet's CocoDataset.evaluate gives them, in column order.
@@ -59,14 +60,20 @@ def format_percent(fraction: float) -> str:
 def reported_epoch(val_records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """The validation record the upstream README reports: the epoch with the highest box mAP.
 
-    All six published logs agree with this rule (not with the last epoch: M4, M5, A4 and A5 peak at epoch 9 or 10).
+    All six published logs agree with this rule (not with the last epoch: M4, M5, A4 and A5 peak at epoch 9 or 10),
+    except two README cells that match no epoch at all (A3 segm_mAP_50, A5 bbox_mAP_75; see tests/test_results.py).
     On a tie the earliest epoch wins, as with mmdet's `save_best`, which keeps a best score unless it is exceeded.
     """
     return max(val_records, key=lambda record: record["bbox_mAP"])
 
 
 def read_result_file(path: Path) -> ResultRecord:
-    """Read an mmdet `*.log.json` (the reported epoch is picked) or a recnext test-result JSON."""
+    """Read an mmdet `*.log.json` (the reported epoch is picked) or a recnext test-result JSON.
+
+    A recnext test result is one JSON object: {"model": "m3", "metrics": {"bbox_mAP": 0.417, "bbox_mAP_50": …,
+    "bbox_mAP_75": …, "segm_mAP": …, "segm_mAP_50": …, "segm_mAP_75": …, any other mmdet metric…},
+    "checkpoint": path or URL or null, "config": path or null}, metrics being fractions as mmdet's evaluate returns.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -165,34 +172,24 @@ def _checked_metrics(metrics: Any, path: Path) -> dict[str, float]:
     return {name: float(metrics[name]) for name in METRICS}
 
 
-@dataclass(frozen=True)
-class _ZooFacts:
-    latency_ms: float | None
-    checkpoint_url: str | None
-
-
-def _zoo_facts(model: str) -> _ZooFacts:
-    """Reported latency and checkpoint URL from the zoo, or None for models the zoo does not know."""
-    try:
-        from recnext_cli import zoo
-    except ImportError:
-        return _ZooFacts(None, None)
+def _zoo_facts(model: str) -> tuple[float | None, str | None]:
+    """The README's latency (ms) and the COCO checkpoint URL from the zoo; None for what the zoo does not know."""
     entry = zoo.MODELS.get(model)
-    if entry is None:
-        return _ZooFacts(None, None)
-    return _ZooFacts(entry.latency_ms, entry.checkpoint_url)
+    latency_ms = entry.metrics.latency_ms if entry and entry.metrics else None
+    checkpoint_url = entry.coco.url if entry and entry.coco else None
+    return latency_ms, checkpoint_url
 
 
 def table_rows(records: Sequence[ResultRecord]) -> list[dict[str, Any]]:
     """Plain rows for `--json`: metrics in percent as in the table (rounded to one decimal), plus where they came from."""
     rows = []
     for record in records:
-        facts = _zoo_facts(record.model)
+        latency_ms, checkpoint_url = _zoo_facts(record.model)
         row: dict[str, Any] = {"model": record.model, "name": record.name}
         row.update({name: float(format_percent(record.metrics[name])) for name in METRICS})
         row.update(
-            latency_ms=facts.latency_ms,
-            checkpoint_url=facts.checkpoint_url,
+            latency_ms=latency_ms,
+            checkpoint_url=checkpoint_url,
             source=str(record.source),
             epoch=record.epoch,
             checkpoint=record.checkpoint,
@@ -206,11 +203,11 @@ def markdown_table(records: Sequence[ResultRecord]) -> str:
     """The upstream README's table: same header and columns, one row per record, in the given order."""
     lines = [_markdown_line(HEADER), _markdown_line(_ALIGNMENT)]
     for record in records:
-        facts = _zoo_facts(record.model)
+        latency_ms, checkpoint_url = _zoo_facts(record.model)
         label = record.model.upper()
         cells = [record.name, *(format_percent(record.metrics[name]) for name in METRICS)]
-        cells.append(f"{facts.latency_ms:.1f}ms" if facts.latency_ms is not None else "-")
-        cells.append(f"[{label}]({facts.checkpoint_url})" if facts.checkpoint_url else "-")
+        cells.append(f"{latency_ms:.1f}ms" if latency_ms is not None else "-")
+        cells.append(f"[{label}]({checkpoint_url})" if checkpoint_url else "-")
         cells.append(f"[{label}]({record.source})")
         lines.append(_markdown_line(cells))
     return "\n".join(lines) + "\n"

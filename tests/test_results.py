@@ -77,6 +77,9 @@ def test_published_logs_reproduce_the_readme_rows():
             ours, readme = README_CELLS_NOT_IN_LOGS.get((model, column), (expected, expected))
             assert readme == expected, f"README {model} {column} changed: {expected}"
             assert our_rows[model][column] == ours, f"{model} {column}"
+        # Latency and checkpoint links come from the zoo, which must agree with the README.
+        assert our_rows[model]["Latency"] == readme_row["Latency"]
+        assert our_rows[model]["Ckpt"] == readme_row["Ckpt"]
         assert our_rows[model]["Log"].startswith(f"[{model.split('-')[1]}](")
 
 
@@ -113,6 +116,15 @@ def test_model_comes_from_the_config_then_the_file_name(tmp_path):
     assert read_result_file(named).model == "m4"
     other = write_log(tmp_path / "other.log.json", [metrics(0.3)], backbone="ResNet")
     assert read_result_file(other).name == "ResNet"
+
+
+def test_models_the_zoo_cannot_place_get_dashes(tmp_path):
+    unknown = write_log(tmp_path / "other.log.json", [metrics(0.3)], backbone="ResNet")
+    classification_only = tmp_path / "m0.json"
+    classification_only.write_text(json.dumps({"model": "m0", "metrics": metrics(0.3)}))
+    _, rows = parse_markdown_table(markdown_table(read_result_files([unknown, classification_only])))
+    assert [(row["Latency"], row["Ckpt"]) for row in rows.values()] == [("-", "-"), ("-", "-")]
+    assert list(rows) == ["ResNet", "RecNeXt-M0"]
 
 
 def test_recnext_test_result_json(tmp_path):
