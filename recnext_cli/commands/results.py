@@ -11,7 +11,7 @@ import typer
 def results(
     files: list[Path] = typer.Argument(
         ...,
-        metavar="FILE...",
+        metavar="FILE",
         help="mmdet *.log.json files (the epoch with the best box mAP is reported, as upstream does) "
         "or recnext test-result .json files.",
         show_default=False,
