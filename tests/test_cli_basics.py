@@ -53,7 +53,7 @@ def test_library_errors_become_one_line_and_exit_2(tmp_path):
         from recnext_cli.errors import DatasetLayoutError
         @cli.app.command("boom")
         def boom():
-            raise DatasetLayoutError("no annotations/ in /data/coco; see the README's dataset tree")
+            raise DatasetLayoutError("no annotations/ in /data/coco [see the README]")
         sys.argv = ["recnext", "boom"]
         cli.main()
         """
@@ -62,7 +62,7 @@ def test_library_errors_become_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["error: no annotations/ in /data/coco; see the README's dataset tree"]
+    assert lines == ["error: no annotations/ in /data/coco [see the README]"]
 
 
 def _doctor(env_extra: dict | None = None, pythonpath: str | None = None):
