@@ -111,7 +111,7 @@ def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 c = m.num_features
                 m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
@@ -134,8 +134,6 @@ def _random_state_dict(shapes: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         else:
             out[key] = torch.randn(shape, generator=g) * 0.1
     return out
-
-
 
 
 def test_variant_table_matches_spec():
@@ -201,8 +199,6 @@ def _check_feature_maps(name: str) -> None:
     assert all(torch.isfinite(o).all() for o in outs)
 
 
-
-
 @pytest.mark.parametrize("name", COCO)
 def test_strict_load_of_spec_shaped_state_dict(name):
     state = _random_state_dict(spec_state_shapes(name))
@@ -221,8 +217,6 @@ def test_strict_load_rejects_a_wrong_shape():
         rnn.build_recnext("a3").load_state_dict(state, strict=True)
 
 
-
-
 @pytest.mark.parametrize("name", ["m3", "a3"])
 def test_fused_matches_unfused(name):
     torch.manual_seed(0)
@@ -236,6 +230,22 @@ def test_fused_matches_unfused(name):
         out = fused(x)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
     assert not any(isinstance(m, rnn.ConvNorm) for m in fused.modules())
+    for a, b in zip(reference, out):
+        assert _max_relative_error(a, b) < 1e-4
+
+
+def test_fuse_also_folds_sync_batchnorm():
+    torch.manual_seed(0)
+    model = rnn.build_recnext("m0")
+    _randomise_norms(model)
+    rnn.maybe_sync_bn(model, world_size=2, device="cuda")
+    assert _count(model, nn.SyncBatchNorm) > 0
+    model.eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        reference = model(x)
+        out = model.fuse()(x)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     for a, b in zip(reference, out):
         assert _max_relative_error(a, b) < 1e-4
 
@@ -295,8 +305,6 @@ def test_a_backbone_with_quadratic_attention_gives_same_features(monkeypatch):
         assert _max_relative_error(a, b) < 1e-4
 
 
-
-
 def _count(model: nn.Module, kind: type) -> int:
     return sum(type(m) is kind for m in model.modules())
 
@@ -325,3 +333,220 @@ def test_maybe_sync_bn_keeps_plain_norms(world_size, device):
     rnn.maybe_sync_bn(model, world_size=world_size, device=device)
     assert _count(model, nn.BatchNorm2d) == norms
     assert _count(model, nn.SyncBatchNorm) == 0
+
+
+# mmdet 2.x wrapper. These need mmcv-full and mmdet (`recnext setup`).
+
+
+@pytest.fixture(scope="module")
+def mmdet_models():
+    pytest.importorskip("mmcv.ops", reason="mmcv-full is not installed; run `recnext setup`")
+    models = pytest.importorskip("mmdet.models", reason="mmdet is not installed; run `recnext setup`")
+    import recnext_cli.models  # noqa: F401  (registers the backbones)
+
+    return models
+
+
+def _imagenet_checkpoint(path, name: str, extra: dict | None = None) -> dict[str, torch.Tensor]:
+    state = _random_state_dict(spec_state_shapes(name))
+    head = {"head.head.l.weight": torch.zeros(1000, SPEC[name][1][-1]), "head.head.l.bias": torch.zeros(1000)}
+    torch.save({"model": {**state, **head}, **(extra or {})}, path)
+    return state
+
+
+def test_all_variants_registered(mmdet_models):
+    from mmdet.models.builder import BACKBONES
+
+    assert {f"recnext_{n}" for n in SPEC} <= set(BACKBONES.module_dict)
+
+
+def test_build_backbone_random_init_with_resnet_style_keys(mmdet_models):
+    from mmcv.runner import BaseModule
+
+    backbone = mmdet_models.build_backbone(
+        dict(
+            type="recnext_m3",
+            depth=50,
+            num_stages=4,
+            out_indices=(0, 1, 2, 3),
+            frozen_stages=1,
+            norm_cfg=dict(type="BN", requires_grad=True),
+            norm_eval=True,
+            style="pytorch",
+            pretrained="torchvision://resnet50",
+        )
+    )
+    assert isinstance(backbone, BaseModule) and isinstance(backbone, rnn.RecNeXt)
+    assert {k: tuple(v.shape) for k, v in backbone.state_dict().items()} == spec_state_shapes("m3")
+    backbone.init_weights()
+    backbone.train()
+    # frozen_stages / norm_eval are ignored as in the published code: every BatchNorm trains.
+    norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.training and m.weight.requires_grad for m in norms)
+    assert all(p.requires_grad for p in backbone.parameters())
+
+
+def test_build_backbone_rejects_unknown_keys(mmdet_models):
+    with pytest.raises(TypeError, match="drop_path"):
+        mmdet_models.build_backbone(dict(type="recnext_a3", drop_path=0.1))
+
+
+def test_imagenet_checkpoint_loads_and_logs_head_keys(mmdet_models, tmp_path, caplog):
+    path = tmp_path / "recnext_m3_distill_300e.pth"
+    state = _imagenet_checkpoint(path, "m3")
+    backbone = mmdet_models.build_backbone(dict(type="recnext_m3", init_cfg=dict(type="Pretrained", checkpoint=str(path))))
+    with caplog.at_level(logging.INFO, logger="mmdet"):
+        backbone.init_weights()
+    loaded = backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert "head.head.l.weight" in caplog.text and "unexpected" in caplog.text
+    assert "missing" not in caplog.text
+
+
+def test_mmdet_checkpoint_and_plain_state_dict_load(mmdet_models, tmp_path):
+    state = _random_state_dict(spec_state_shapes("a3"), seed=1)
+    mmdet_file = tmp_path / "coco.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": {**{f"backbone.{k}": v for k, v in state.items()}, "neck.w": torch.ones(1)}}, mmdet_file)
+    plain_file = tmp_path / "plain.pth"
+    torch.save(state, plain_file)
+    for path in (mmdet_file, plain_file):
+        backbone = mmdet_models.build_backbone(dict(type="recnext_a3", init_cfg=dict(type="Pretrained", checkpoint=str(path))))
+        backbone.init_weights()
+        loaded = backbone.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_missing_keys_are_logged_as_warning(mmdet_models, tmp_path, caplog):
+    state = _random_state_dict(spec_state_shapes("m0"))
+    del state["stages.3.blocks.0.norm.weight"]
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    backbone = mmdet_models.build_backbone(dict(type="recnext_m0", init_cfg=dict(type="Pretrained", checkpoint=str(path))))
+    with caplog.at_level(logging.INFO, logger="mmdet"):
+        backbone.init_weights()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "stages.3.blocks.0.norm.weight" in warnings[0].getMessage()
+
+
+def test_unset_or_unsafe_checkpoints_are_refused(mmdet_models, tmp_path):
+    import argparse
+
+    from recnext_cli.errors import IntegrityError, UsageError
+
+    placeholder = mmdet_models.build_backbone(dict(type="recnext_m0", init_cfg=dict(type="Pretrained", checkpoint=None)))
+    with pytest.raises(UsageError, match="model.backbone.init_cfg.checkpoint"):
+        placeholder.init_weights()
+    absent = mmdet_models.build_backbone(dict(type="recnext_m0", init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "no.pth"))))
+    with pytest.raises(UsageError, match="does not exist"):
+        absent.init_weights()
+    pickled = tmp_path / "pickled.pth"
+    _imagenet_checkpoint(pickled, "m0", extra={"args": argparse.Namespace(lr=1e-3)})
+    unsafe = mmdet_models.build_backbone(dict(type="recnext_m0", init_cfg=dict(type="Pretrained", checkpoint=str(pickled))))
+    with pytest.raises(IntegrityError, match="weights_only"):
+        unsafe.init_weights()
+
+
+def _tiny_detector(mmdet_models, variant: str):
+    import mmcv
+
+    from recnext_cli.models import config_file, set_pretrain_checkpoint
+
+    cfg = mmcv.Config.fromfile(str(config_file(variant)))
+    set_pretrain_checkpoint(cfg, None)
+    cfg.model.roi_head.bbox_head.num_classes = 3
+    cfg.model.roi_head.mask_head.num_classes = 3
+    # Fewer proposals and RoIs than the recipe: the same code path at a fraction of the CPU time.
+    cfg.model.train_cfg.rpn_proposal.max_per_img = 64
+    cfg.model.train_cfg.rcnn.sampler.num = 32
+    cfg.model.test_cfg.rpn.max_per_img = 64
+    return mmdet_models.build_detector(cfg.model, train_cfg=None, test_cfg=None)
+
+
+def _tiny_batch(size: int = 128):
+    import numpy as np
+    from mmdet.core import BitmapMasks
+
+    torch.manual_seed(0)
+    img = torch.randn(1, 3, size, size)
+    meta = dict(
+        img_shape=(size, size, 3),
+        ori_shape=(size, size, 3),
+        pad_shape=(size, size, 3),
+        scale_factor=np.ones(4, dtype=np.float32),
+        flip=False,
+        flip_direction=None,
+    )
+    boxes = torch.tensor([[10.0, 12.0, 70.0, 90.0], [60.0, 40.0, 120.0, 110.0]])
+    masks = np.zeros((2, size, size), dtype=np.uint8)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+        masks[i, y0:y1, x0:x1] = 1
+    return img, [meta], [boxes], [torch.tensor([0, 2])], [BitmapMasks(masks, size, size)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", COCO)
+def test_mask_rcnn_trains_and_tests_on_cpu(mmdet_models, variant):
+    detector = _tiny_detector(mmdet_models, variant)
+    backbone_keys = {k.removeprefix("backbone."): tuple(v.shape) for k, v in detector.state_dict().items() if k.startswith("backbone.")}
+    assert backbone_keys == spec_state_shapes(variant)
+    img, metas, boxes, labels, masks = _tiny_batch()
+
+    detector.train()
+    losses = detector.forward_train(img, metas, boxes, labels, gt_masks=masks)
+    loss, log_vars = detector._parse_losses(losses)
+    loss.backward()
+    assert {"loss_rpn_cls", "loss_cls", "loss_bbox", "loss_mask"} <= set(log_vars)
+    assert torch.isfinite(loss)
+    first = detector.backbone.stem.stem[0].conv.weight.grad
+    assert first is not None and first.abs().sum() > 0
+
+    detector.eval()
+    with torch.no_grad():
+        (bbox_result, segm_result), = detector.simple_test(img, metas, rescale=True)
+        features = detector.extract_feat(img)
+        detector.backbone.fuse()
+        fused = detector.extract_feat(img)
+    assert len(bbox_result) == 3 and len(segm_result) == 3
+    assert all(r.shape[1] == 5 for r in bbox_result)
+    for a, b in zip(features, fused):
+        assert _max_relative_error(a, b) < 1e-4
+
+
+@pytest.mark.slow
+def test_detector_init_weights_loads_pretrained_backbone(mmdet_models, tmp_path):
+    import mmcv
+
+    from recnext_cli.errors import UsageError
+    from recnext_cli.models import config_file, set_pretrain_checkpoint
+
+    cfg = mmcv.Config.fromfile(str(config_file("m3")))
+    with pytest.raises(UsageError):
+        mmdet_models.build_detector(cfg.model).init_weights()
+    path = tmp_path / "recnext_m3_distill_300e.pth"
+    state = _imagenet_checkpoint(path, "m3")
+    set_pretrain_checkpoint(cfg, path)
+    detector = mmdet_models.build_detector(cfg.model)
+    detector.init_weights()
+    loaded = detector.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+@pytest.mark.slow
+def test_multi_gpu_build_uses_sync_bn_and_still_initialises(mmdet_models, tmp_path, monkeypatch):
+    import mmcv
+
+    from recnext_cli.models import config_file, set_pretrain_checkpoint
+    from recnext_cli.nn import sync_bn
+
+    # What a torchrun worker on a CUDA machine sees; conversion itself needs neither.
+    monkeypatch.setattr(sync_bn, "distributed_world_size", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    path = tmp_path / "recnext_a3_distill_300e.pth"
+    state = _imagenet_checkpoint(path, "a3")
+    cfg = mmcv.Config.fromfile(str(config_file("a3")))
+    set_pretrain_checkpoint(cfg, path)
+    detector = mmdet_models.build_detector(cfg.model)
+    assert _count(detector.backbone, nn.BatchNorm2d) == 0 and _count(detector.backbone, nn.SyncBatchNorm) > 0
+    detector.init_weights()
+    loaded = detector.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())

@@ -9,6 +9,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from recnext_cli.errors import UnknownModelError
 
@@ -71,9 +72,7 @@ def get_variant(name: str) -> Variant:
         ) from None
 
 
-
-
-def _bn_scale_shift(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_scale_shift(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel affine map an eval-mode BatchNorm applies: y = x * scale + shift."""
     scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
     return scale, norm.bias - norm.running_mean * scale
@@ -98,7 +97,7 @@ def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.
 
 
 @torch.no_grad()
-def fold_norm_after(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
+def fold_norm_after(conv: nn.Conv2d, norm: _BatchNorm) -> nn.Conv2d:
     """One Conv2d with bias equal to `norm(conv(x))` in eval mode (any kernel, any groups)."""
     scale, shift = _bn_scale_shift(norm)
     bias = shift if conv.bias is None else conv.bias * scale + shift
@@ -106,7 +105,7 @@ def fold_norm_after(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 @torch.no_grad()
-def fold_norm_before(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+def fold_norm_before(norm: _BatchNorm, conv: nn.Conv2d) -> nn.Conv2d:
     """One Conv2d with bias equal to `conv(norm(x))` in eval mode.
 
     Exact only for a dense unpadded conv: with padding the border would see the norm's shift where the
@@ -131,14 +130,12 @@ def _fuse_tree(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def fuse(module: nn.Module) -> nn.Module:
-    """Fold every foldable BatchNorm of `module` into a neighbouring conv, for inference.
+    """Fold every foldable BatchNorm (or SyncBatchNorm) of `module` into a neighbouring conv, for inference.
 
     Changes `module` in place and returns it (a new Conv2d when `module` itself is a ConvNorm), in eval mode;
     its outputs equal the unfused eval-mode module's up to float rounding.
     """
     return _fuse_tree(module).eval()
-
-
 
 
 class ConvNorm(nn.Sequential):
@@ -198,12 +195,10 @@ class Downsample(nn.Module):
         return x + self.channel_mixer(x)
 
     def _fold(self) -> Downsample:
-        if isinstance(self.norm, nn.BatchNorm2d):
+        if isinstance(self.norm, _BatchNorm):
             self.token_mixer = fold_norm_after(self.token_mixer, self.norm)
             self.norm = nn.Identity()
         return self
-
-
 
 
 class RecConv(nn.Module):
@@ -242,12 +237,10 @@ class MBlock(nn.Module):
         return x + self.channel_mixer(self.norm(self.token_mixer(x)))
 
     def _fold(self) -> MBlock:
-        if isinstance(self.norm, nn.BatchNorm2d):
+        if isinstance(self.norm, _BatchNorm):
             self.channel_mixer[0] = fold_norm_before(self.norm, self.channel_mixer[0])
             self.norm = nn.Identity()
         return self
-
-
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -318,8 +311,6 @@ class ABlock(nn.Module):
 
 
 BLOCKS = {"M": MBlock, "A": ABlock}
-
-
 
 
 class Stage(nn.Module):

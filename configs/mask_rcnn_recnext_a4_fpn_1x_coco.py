@@ -1,0 +1,11 @@
+"""Mask R-CNN + FPN with the RecNeXt-A4 (recursive-linear-attention) backbone, 1x schedule on COCO: the published recipe."""
+
+_base_ = [
+    '_base_/models/mask_rcnn_recnext_fpn.py',
+    '_base_/datasets/coco_instance.py',
+    '_base_/schedules/schedule_adamw_1x.py',
+    '_base_/default_runtime.py',
+]
+model = dict(
+    backbone=dict(type='recnext_a4'),
+    neck=dict(in_channels=[64, 128, 256, 512]))

@@ -1,0 +1,44 @@
+"""Where the six published Mask R-CNN configs live and the two settings a launcher fills in before running one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recnext_cli.errors import EnvironmentProblem, UnknownModelError
+from recnext_cli.nn import COCO_VARIANTS, get_variant
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DATA_SPLITS = ("train", "val", "test")
+
+
+def config_file(variant: str) -> Path:
+    """The mmdet config of a COCO variant ("m3" or "recnext_m3")."""
+    name = get_variant(variant).name
+    if name not in COCO_VARIANTS:
+        raise UnknownModelError(f"RecNeXt-{name.upper()} has no COCO config; choose one of {', '.join(COCO_VARIANTS)}.")
+    path = CONFIG_DIR / f"mask_rcnn_recnext_{name}_fpn_1x_coco.py"
+    if not path.is_file():
+        raise EnvironmentProblem(f"{path} is missing; recnext's configs/ folder must sit beside recnext_cli/.")
+    return path
+
+
+def set_data_root(cfg, data_root: str | Path) -> None:
+    """Point `cfg` (an mmcv Config) at another COCO directory.
+
+    The dataset paths were joined with `data_root` when the config was parsed, so each one that starts with
+    the old root is rewritten too.
+    """
+    old = cfg.data_root
+    new = str(data_root).rstrip("/") + "/"
+    cfg.data_root = new
+    for split in DATA_SPLITS:
+        dataset = cfg.data[split]
+        for key in ("ann_file", "img_prefix"):
+            if dataset.get(key, "").startswith(old):
+                dataset[key] = new + dataset[key][len(old) :]
+
+
+def set_pretrain_checkpoint(cfg, checkpoint: str | Path | None) -> None:
+    """Fill `model.backbone.init_cfg.checkpoint`; None drops the pretrained init (training from scratch)."""
+    init_cfg = None if checkpoint is None else dict(type="Pretrained", checkpoint=str(checkpoint))
+    cfg.merge_from_dict({"model.backbone.init_cfg": init_cfg})
