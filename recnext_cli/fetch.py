@@ -262,9 +262,14 @@ def _download(checkpoint: Checkpoint, path: Path, progress: Progress | None, acc
         raise
     try:
         _accept(checkpoint, private, digest, size, accept_new_digest)
-        os.replace(private, path)
-    finally:
-        private.unlink(missing_ok=True)
+    except IntegrityError:
+        private.unlink()
+        raise
+    except BaseException:
+        # Interrupted while checking (the torch import alone takes seconds): keep the bytes for the next run.
+        _park(private, parked)
+        raise
+    os.replace(private, path)
 
 
 def _park(private: Path, parked: Path) -> None:
@@ -372,6 +377,8 @@ def _fetch_rest(session: requests.Session, url: str, out: _PartFile, progress: P
     if out.size:
         headers["Range"] = f"bytes={out.size}-"
     with session.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
+        if response.status_code == 416 and _content_range(response.headers.get("Content-Range", ""))[1] == out.size:
+            return  # the kept bytes are already the whole file (an earlier run stopped before verifying them)
         total = _expected_total(url, response, out)
         # urllib3 2.x would raise on a short body and drop the part of a chunk that did arrive; with this off the
         # bytes are kept and the size check below notices the truncation (as it must anyway under urllib3 1.x).
@@ -412,10 +419,10 @@ def _expected_total(url: str, response: requests.Response, out: _PartFile) -> in
 
 
 def _content_range(value: str) -> tuple[int | None, int | None]:
-    """(first byte, full size) from a Content-Range header like "bytes 100-999/1000"; None for what it does not say."""
+    """(first byte, full size) from a Content-Range header ("bytes 100-999/1000", "bytes */1000"); None where unsaid."""
     unit, _, spec = value.partition(" ")
     span, _, total = spec.partition("/")
     start = span.partition("-")[0]
-    if unit != "bytes" or not start.isdigit():
+    if unit != "bytes":
         return None, None
-    return int(start), int(total) if total.isdigit() else None
+    return int(start) if start.isdigit() else None, int(total) if total.isdigit() else None

@@ -34,8 +34,9 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def cached_names() -> list[str]:
-    return sorted(path.name for path in cache.checkpoints_dir().iterdir())
+def leftovers() -> list[str]:
+    """Files in the checkpoint cache other than lock files."""
+    return sorted(path.name for path in cache.checkpoints_dir().iterdir() if path.suffix != ".lock")
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_clean_download_is_verified_recorded_and_then_served_from_the_cache(serv
     assert reports[-1] == (len(good), len(good))
     assert [done for done, _ in reports] == sorted(done for done, _ in reports)
     assert cache.recorded(M3.file_name) == cache.Record(sha256(good), len(good))
-    assert not [name for name in cached_names() if name.endswith(".part")]
+    assert leftovers() == ["manifest.json", M3.file_name]
     requests_so_far = len(server.log)
     assert fetch.ensure_file(M3) == path
     assert len(server.log) == requests_so_far
@@ -79,6 +80,8 @@ def test_connection_cut_three_times_resumes_where_it_stopped(server, good):
         # A reset loses at most the chunk the client was in the middle of reading; nothing before it is asked again.
         assert reached - CHUNK <= resumed.range_start <= reached
     assert server.bytes_sent() - len(good) <= 3 * CHUNK
+    # The digest recorded for a resumed download covers the bytes kept from before each cut too.
+    assert cache.recorded(M3.file_name).sha256 == sha256(good)
 
 
 def test_a_later_run_resumes_what_an_earlier_run_left(server, good, monkeypatch):
@@ -94,6 +97,7 @@ def test_a_later_run_resumes_what_an_earlier_run_left(server, good, monkeypatch)
     fetch.ensure_file(M3)
     assert server.log[-1].range_start == kept
     assert path.read_bytes() == good
+    assert cache.recorded(M3.file_name).sha256 == sha256(good)
     assert not parked.exists()
 
 
@@ -114,7 +118,7 @@ def test_persistent_5xx_gives_up_with_exponential_backoff(server, monkeypatch):
     with pytest.raises(DownloadError, match="502"):
         fetch.ensure_file(M3)
     assert sleeps == [BACKOFF, 2 * BACKOFF, 4 * BACKOFF]
-    assert cached_names() == [f"{M3.file_name}.lock"]
+    assert leftovers() == []
 
 
 def test_404_fails_at_once_with_the_address_and_leaves_nothing(server):
@@ -123,7 +127,7 @@ def test_404_fails_at_once_with_the_address_and_leaves_nothing(server):
         fetch.ensure_file(M3)
     assert "404" in str(failure.value) and server.url + url_path(M3) in str(failure.value)
     assert len(server.log) == 1
-    assert cached_names() == [f"{M3.file_name}.lock"]
+    assert leftovers() == []
     assert cache.recorded(M3.file_name) is None
 
 
@@ -134,7 +138,7 @@ def test_bytes_that_differ_from_the_pinned_digest_never_enter_the_cache(server, 
     server.files[url_path(M3)] = bytes(corrupted)
     with pytest.raises(IntegrityError, match="pins"):
         fetch.ensure_file(pinned)
-    assert cached_names() == [f"{M3.file_name}.lock"]
+    assert leftovers() == []
     assert cache.recorded(M3.file_name) is None
 
 
@@ -203,7 +207,7 @@ def test_bodies_that_always_stop_short_leave_no_complete_looking_file(server, mo
     with pytest.raises(DownloadError):
         fetch.ensure_file(M3)
     assert len(server.log) == 3
-    assert cached_names() == [f"{M3.file_name}.lock"]
+    assert leftovers() == []
 
 
 def test_kept_bytes_longer_than_the_file_are_dropped(server, good):
@@ -214,11 +218,20 @@ def test_kept_bytes_longer_than_the_file_are_dropped(server, good):
     assert [entry.status for entry in server.log] == [416, 200]
 
 
+def test_kept_bytes_that_are_already_the_whole_file_are_only_verified(server, good):
+    path = cache.checkpoint_path(M3.file_name)
+    path.parent.mkdir(parents=True)
+    path.with_name(f"{path.name}.part").write_bytes(good)
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert [entry.status for entry in server.log] == [416]
+    assert server.bytes_sent() == 0
+
+
 def test_a_wrong_backbone_is_refused_and_not_recorded(server):
     server.files[url_path(M3)] = checkpoint_bytes("m4", "coco")
     with pytest.raises(IntegrityError, match="does not hold a RecNeXt-M3 coco checkpoint: .*unexpected backbone keys"):
         fetch.ensure_file(M3)
-    assert cached_names() == [f"{M3.file_name}.lock"]
+    assert leftovers() == []
     assert cache.recorded(M3.file_name) is None
 
 
@@ -349,7 +362,7 @@ def test_four_processes_share_one_download(server, good, tmp_path):
     assert Path(paths[0]).read_bytes() == good
     assert len(server.log) == 1 and server.bytes_sent() == len(good)
     assert cache.read_manifest() == {M3.file_name: cache.Record(sha256(good), len(good))}
-    assert not [name for name in cached_names() if name.endswith((".part", ".tmp"))]
+    assert leftovers() == ["manifest.json", M3.file_name]
 
 
 @pytest.mark.slow
@@ -359,4 +372,4 @@ def test_writers_without_working_locks_still_leave_one_good_file(server, good, t
     assert Path(paths[0]).read_bytes() == good
     assert len(server.log) >= 2  # the writers really overlapped
     assert cache.read_manifest() == {M3.file_name: cache.Record(sha256(good), len(good))}
-    assert not [name for name in cached_names() if name.endswith((".part", ".tmp"))]
+    assert leftovers() == ["manifest.json", M3.file_name]

@@ -6,7 +6,7 @@ import typer
 
 
 def download(
-    names: list[str] = typer.Argument(None, metavar="NAME...", help="Models to fetch, e.g. m3 a4 (see `recnext list`)."),
+    names: list[str] = typer.Argument(None, metavar="NAME", help="Models to fetch, e.g. m3 a4 (see `recnext list`)."),
     pretrain: bool = typer.Option(
         False, "--pretrain", help="Fetch the ImageNet pretraining checkpoint (what training starts from) instead of the COCO one."
     ),
@@ -36,7 +36,7 @@ def download(
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         for checkpoint in checkpoints:
-            bar = _Bar(progress, progress.add_task(checkpoint.file_name, total=checkpoint.size))
+            bar = _Bar(progress, checkpoint.file_name)
             path = fetch.ensure_file(checkpoint, bar, force=force, accept_new_digest=accept_new_digest)
             if bar.reported:
                 progress.console.print(f"[green]✓[/] {checkpoint.file_name} downloaded and verified: {path}")
@@ -49,9 +49,10 @@ class _Bar:
     """Feeds one file's byte counts into a Rich task; resets it on the first report and after a restart from zero,
     so resumed bytes do not count as speed."""
 
-    def __init__(self, progress, task) -> None:
+    def __init__(self, progress, name: str) -> None:
         self.progress = progress
-        self.task = task
+        self.name = name
+        self.task = progress.add_task(name, total=None)
         self.last: int | None = None
 
     @property
@@ -63,4 +64,7 @@ class _Bar:
             self.progress.reset(self.task, total=total, completed=done)
         else:
             self.progress.update(self.task, total=total, completed=done)
+        if done == total:
+            # Hashing is done; loading the file to check its structure comes next and takes a few seconds.
+            self.progress.update(self.task, description=f"{self.name} (verifying)")
         self.last = done

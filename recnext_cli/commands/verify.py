@@ -8,11 +8,14 @@ import typer
 
 
 def verify(
-    names: list[str] = typer.Argument(None, metavar="[NAME...]", help="Models whose files to check (default: every cached file)."),
+    names: list[str] = typer.Argument(None, metavar="NAME", help="Models whose files to check (default: every cached file)."),
     pretrain: bool = typer.Option(False, "--pretrain", help="Check the named models' ImageNet pretraining checkpoints instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Re-hash cached checkpoints against their pinned or recorded SHA-256 and check their backbone keys and shapes."""
+    """Re-hash cached checkpoints against their pinned or recorded SHA-256 and check their backbone keys and shapes.
+
+    A cached file with no recorded digest yet (copied in by hand) is checked the same way and its digest recorded.
+    """
     from rich.console import Console
     from rich.table import Table
 
