@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import typer
@@ -28,8 +29,6 @@ def list_models(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List RecNeXt models: published COCO box/mask AP and latency, and whether each file is cached and verified."""
-    import dataclasses
-
     from rich import box
     from rich.console import Console
     from rich.table import Table
