@@ -25,8 +25,9 @@ def _version(module) -> str:
     return getattr(module, "__version__", "?")
 
 
-def _pinned(name: str, found: str, pinned: str) -> Check:
-    if found.split("+")[0] == pinned:
+def _pinned(name: str, version: str, pinned: str, detail: str = "") -> Check:
+    found = f"{version} ({detail})" if detail else version
+    if version.split("+")[0] == pinned:
         return Check(name, found, OK)
     return Check(name, found, WARN, f"recnext is tested with {pinned}; `recnext setup` installs it")
 
@@ -38,7 +39,7 @@ def _stack_checks() -> list[Check]:
     except ImportError as exc:
         return checks + [Check("torch", f"missing ({exc})", BROKEN, "run `make setup` or `recnext setup`")]
     cuda = torch.version.cuda or "cpu-only build"
-    checks.append(_pinned("torch", f"{torch.__version__} (CUDA {cuda})", stack.TORCH_VERSION))
+    checks.append(_pinned("torch", torch.__version__, stack.TORCH_VERSION, f"CUDA {cuda}"))
     try:
         import torchvision
         checks.append(_pinned("torchvision", _version(torchvision), stack.TORCHVISION_VERSION))
@@ -50,7 +51,7 @@ def _stack_checks() -> list[Check]:
         from recnext_cli.compat.ops import mmcv_has_cuda_ops
 
         kernels = "CPU + CUDA" if mmcv_has_cuda_ops() else "CPU only"
-        checks.append(_pinned("mmcv-full", f"{mmcv.__version__} (compiled ops: {kernels})", stack.MMCV_VERSION))
+        checks.append(_pinned("mmcv-full", mmcv.__version__, stack.MMCV_VERSION, f"compiled ops: {kernels}"))
     except Exception as exc:
         checks.append(Check("mmcv-full", f"missing or broken ({exc})", BROKEN, "run `recnext setup` (builds mmcv-full)"))
     try:

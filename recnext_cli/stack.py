@@ -174,8 +174,16 @@ def build_mmcv_wheel(key: BuildKey, torch: dict, options: SetupOptions, log, rep
         return target_dir / built.name
 
 
-def mmcv_ops_work(python: str) -> bool:
-    return _probe(python, "import mmcv.ops, mmcv; print(mmcv.__version__)") == MMCV_VERSION
+def probe_mmdet_stack(python: str) -> tuple[str | None, str | None]:
+    """(mmcv version when mmcv.ops loads, mmdet version when it imports) in the target interpreter, in one process."""
+    out = _probe(
+        python,
+        "try:\n    import mmcv, mmcv.ops; a = mmcv.__version__\nexcept Exception:\n    a = ''\n"
+        "try:\n    import mmdet; b = mmdet.__version__\nexcept Exception:\n    b = ''\n"
+        "print(a, b)",
+    )
+    mmcv, _, mmdet = (out or "").partition(" ")
+    return mmcv.strip() or None, mmdet.strip() or None
 
 
 def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
@@ -198,8 +206,10 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
         key = build_key(torch, options.cuda_ops)
         wheel = None if options.force_rebuild else cached_wheel(key)
         reused = wheel is not None
-        current = installed_version(options.python, "mmcv-full")
-        if reused and current == MMCV_VERSION and not options.force_rebuild and mmcv_ops_work(options.python):
+        mmcv, mmdet = probe_mmdet_stack(options.python)
+        changed = False
+        if reused and mmcv == MMCV_VERSION:
+            # importing mmcv.ops proves the installed build links against this torch
             steps.append(f"mmcv-full {MMCV_VERSION} already installed from {wheel.name}")
         else:
             if wheel is None:
@@ -209,11 +219,14 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
             _run(pip + ["--force-reinstall", "--no-deps", str(wheel)], log)
             _run(pip + ["addict", "packaging", "pyyaml", "yapf>=0.43", "opencv-python-headless", "pillow"], log)
             steps.append(f"installed mmcv-full {MMCV_VERSION} ({key.flavour} ops)")
-        if installed_version(options.python, "mmdet") != MMDET_VERSION:
+            changed = True
+        if mmdet != MMDET_VERSION:
             report(f"installing mmdet {MMDET_VERSION}")
             _run(pip + [f"mmdet=={MMDET_VERSION}"], log)
             steps.append(f"installed mmdet {MMDET_VERSION}")
-        report("checking that mmcv.ops and mmdet import")
-        if not mmcv_ops_work(options.python) or _probe(options.python, "import mmdet; print(mmdet.__version__)") is None:
-            raise EnvironmentProblem(f"mmcv.ops or mmdet does not import after setup; see {log_path}")
+            changed = True
+        if changed:
+            report("checking that mmcv.ops and mmdet import")
+            if probe_mmdet_stack(options.python) != (MMCV_VERSION, MMDET_VERSION):
+                raise EnvironmentProblem(f"mmcv.ops or mmdet does not import after setup; see {log_path}")
     return SetupResult(steps=steps, wheel=wheel, reused_wheel=reused, log_path=log_path)

@@ -31,8 +31,11 @@ def numpy_safe_globals() -> list:
     return allowed
 
 
-def load_checkpoint_file(filename: str, map_location=None):
-    """torch.load with the safe unpickler plus the numpy allow-list; what mmcv's local loader is replaced by."""
+def load_from_local(filename: str, map_location=None):
+    """torch.load with the safe unpickler plus the numpy allow-list; replaces mmcv's loader of the same name.
+
+    mmcv logs "load checkpoint from <name[10:]> path", so the name is kept to keep that line saying "local".
+    """
     import torch
 
     filename = os.path.expanduser(filename)
@@ -53,4 +56,4 @@ def patch() -> None:
 
     # The '' scheme (plain paths) is registered at import time, so rebinding the module function would not reach it.
     original = CheckpointLoader._schemes[""]
-    CheckpointLoader.register_scheme(prefixes="", force=True)(mark(load_checkpoint_file, original))
+    CheckpointLoader.register_scheme(prefixes="", force=True)(mark(load_from_local, original))

@@ -6,6 +6,8 @@ and adaptive sampling, and nms), so a CPU-ops mmcv build still runs detection on
 
 from __future__ import annotations
 
+import importlib
+
 from recnext_cli.compat._util import is_marked, mark
 
 
@@ -57,8 +59,10 @@ def patched() -> bool:
 
 
 def patch() -> None:
-    import mmcv.ops.nms as nms_module
     from mmcv.ops import RoIAlign
+
+    # `import mmcv.ops.nms as m` would bind the nms function that mmcv.ops re-exports, not the module.
+    nms_module = importlib.import_module("mmcv.ops.nms")
 
     original_forward = RoIAlign.forward
 
