@@ -1,0 +1,397 @@
+"""Latency benchmarks of RecNeXt backbones and Mask R-CNN detectors: timing statistics, model size, FLOPs, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from recnext_cli import zoo
+from recnext_cli.errors import UsageError
+
+PARTS = ("backbone", "detector")
+DTYPES = ("fp32", "fp16", "bf16")
+_INPUT_SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
+# The backbone halves the resolution five times; mmdet pads detector inputs to multiples of 32 for the same reason.
+MIN_SIDE = 32
+DETECTOR_SIDE_MULTIPLE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyStats:
+    """Per-call wall-clock latency over the timed iterations, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    iters: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What to time and how: one value per `recnext bench latency` option."""
+
+    part: str = "backbone"
+    device: str = "cpu"
+    input_size: tuple[int, int] = (512, 512)  # height, width
+    batch: int = 1
+    fused: bool = True
+    dtype: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    warmup: int = 10
+    iters: int = 50
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    """One model's measured latency beside its size, FLOPs and the numbers the RecNeXt README reports."""
+
+    model: str
+    title: str
+    config: BenchConfig
+    latency: LatencyStats
+    throughput: float  # images per second at the median latency
+    params: int  # of the model as published (BatchNorms unfolded)
+    flops: int  # 2 x multiply-adds of one forward pass of the whole batch
+    reported_latency_ms: float | None  # the README's iPhone latency
+    reported_box_ap: float | None
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "title": self.title,
+            **{key: value for key, value in dataclasses.asdict(self.config).items()},
+            "input_size": list(self.config.input_size),
+            "median_ms": self.latency.median_ms,
+            "p10_ms": self.latency.p10_ms,
+            "p90_ms": self.latency.p90_ms,
+            "mean_ms": self.latency.mean_ms,
+            "throughput_img_s": self.throughput,
+            "params": self.params,
+            "gflops": self.gflops,
+            "gmacs": self.gflops / 2,
+            "reported_latency_ms": self.reported_latency_ms,
+            "reported_box_ap": self.reported_box_ap,
+        }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's default method)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is outside 0-100")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def latency_stats(durations_s: Sequence[float]) -> LatencyStats:
+    """Median, 10th and 90th percentile and mean of per-call durations given in seconds, in milliseconds."""
+    if not durations_s:
+        raise ValueError("no timed calls; --iters must be at least 1")
+    ms = [duration * 1000 for duration in durations_s]
+    return LatencyStats(percentile(ms, 50), percentile(ms, 10), percentile(ms, 90), sum(ms) / len(ms), len(ms))
+
+
+def time_calls(
+    fn: Callable[[], Any],
+    *,
+    warmup: int,
+    iters: int,
+    clock: Callable[[], float] = time.perf_counter,
+    synchronize: Callable[[], None] = lambda: None,
+) -> list[float]:
+    """Call `fn` `warmup` times untimed, then `iters` times, returning each timed call's duration in seconds.
+
+    `synchronize` runs before each clock reading: CUDA kernels are asynchronous, and without waiting for them the
+    clock would measure only the kernel launches.
+    """
+    for _ in range(warmup):
+        fn()
+    durations = []
+    for _ in range(iters):
+        synchronize()
+        start = clock()
+        fn()
+        synchronize()
+        durations.append(clock() - start)
+    return durations
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """"512x512" (height x width) or "512" (square) as (height, width)."""
+    match = _INPUT_SIZE.fullmatch(text)
+    if match:
+        size = int(match.group(1)), int(match.group(2))
+    elif text.strip().isdigit():
+        size = int(text), int(text)
+    else:
+        raise UsageError(f"--input {text!r} is not HEIGHTxWIDTH; write it like 512x512")
+    if min(size) < MIN_SIDE:
+        raise UsageError(f"--input {text} is too small: RecNeXt halves the image 5 times, so each side needs >= {MIN_SIDE}")
+    return size
+
+
+def resolve_models(names: Sequence[str]) -> list[str]:
+    """Zoo names for the given names; no names or "all" mean every model with a COCO detector, in the README's order."""
+    if not names or [name.lower() for name in names] == ["all"]:
+        return list(zoo.DETECTION_MODELS)
+    return list(dict.fromkeys(zoo.get_model(name).name for name in names))
+
+
+def count_parameters(model) -> int:
+    """The number of parameter elements (BatchNorm running statistics are buffers, not parameters)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn` as `torch.utils.flop_counter.FlopCounterMode` counts them.
+
+    That is 2 x multiply-adds of convolutions and matrix products (attention included); element-wise ops, pooling,
+    interpolation and NMS count as zero.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def check_config(config: BenchConfig) -> None:
+    """Refuse settings that cannot be timed, with a message saying what to pass instead."""
+    if config.part not in PARTS:
+        raise UsageError(f"--part {config.part!r} is not one of {', '.join(PARTS)}")
+    if config.dtype not in DTYPES:
+        raise UsageError(f"--dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
+    if config.batch < 1 or config.iters < 1 or config.warmup < 0:
+        raise UsageError("--batch and --iters must be at least 1 and --warmup at least 0")
+    if config.threads is not None and config.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    height, width = config.input_size
+    if config.part == "detector" and (height % DETECTOR_SIDE_MULTIPLE or width % DETECTOR_SIDE_MULTIPLE):
+        raise UsageError(
+            f"--part detector needs --input sides that are multiples of {DETECTOR_SIDE_MULTIPLE} "
+            f"(mmdet pads images so), got {height}x{width}"
+        )
+
+
+def bench_latency(name: str, config: BenchConfig) -> BenchResult:
+    """Build model `name` with random weights, prepare it as `config` says, and time it on a random input."""
+    import torch
+
+    from recnext_cli.fastpath import resolve_device, resolve_dtype
+
+    check_config(config)
+    entry = zoo.get_model(name)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    threads_before = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(config.batch, 3, *config.input_size, generator=generator)
+        build = _detector_runner if config.part == "detector" else _backbone_runner
+        run, params, flops = build(entry.name, images, config, device, dtype)
+        synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        with torch.inference_mode():
+            durations = time_calls(run, warmup=config.warmup, iters=config.iters, synchronize=synchronize)
+    finally:
+        torch.set_num_threads(threads_before)
+    latency = latency_stats(durations)
+    metrics = entry.metrics
+    return BenchResult(
+        model=entry.name,
+        title=entry.title,
+        config=config,
+        latency=latency,
+        throughput=config.batch / (latency.median_ms / 1000),
+        params=params,
+        flops=flops,
+        reported_latency_ms=metrics.latency_ms if metrics else None,
+        reported_box_ap=metrics.box_ap if metrics else None,
+    )
+
+
+def _backbone_runner(name, images, config: BenchConfig, device, dtype):
+    import torch
+
+    from recnext_cli.fastpath import prepare_for_inference, prepare_input
+    from recnext_cli.nn import build_recnext
+
+    model = build_recnext(name).eval()
+    params = count_parameters(model)
+    with torch.inference_mode():
+        flops = count_flops(lambda: model(images))
+    model = prepare_for_inference(
+        model, fused=config.fused, channels_last=config.channels_last, compile=config.compile, dtype=dtype, device=device
+    )
+    inputs = prepare_input(images, channels_last=config.channels_last, dtype=dtype, device=device)
+    return (lambda: model(inputs)), params, flops
+
+
+def _detector_runner(name, images, config: BenchConfig, device, dtype):
+    """Mask R-CNN built from the published config with random weights, timed through `simple_test`.
+
+    The fast path applies to the backbone; the rest of the detector runs as mmdet writes it, in `dtype` under
+    autocast (mmdet's heads compute boxes in fp32 and would not run cast to half as a whole).
+    """
+    import numpy as np
+    import torch
+
+    from recnext_cli.fastpath import NchwFeatures, prepare_for_inference, prepare_input
+
+    detector = _build_detector(name)
+    params = count_parameters(detector)
+    height, width = config.input_size
+    meta = {
+        "ori_shape": (height, width, 3),
+        "img_shape": (height, width, 3),
+        "pad_shape": (height, width, 3),
+        "batch_input_shape": (height, width),
+        "scale_factor": np.ones(4, dtype=np.float32),
+        "flip": False,
+        "flip_direction": None,
+    }
+    metas = [dict(meta) for _ in range(config.batch)]
+    with torch.inference_mode():
+        flops = count_flops(lambda: detector.simple_test(images, metas, rescale=False))
+    detector.backbone = NchwFeatures(
+        prepare_for_inference(
+            detector.backbone,
+            fused=config.fused,
+            channels_last=config.channels_last,
+            compile=config.compile,
+            dtype=dtype,
+            device=device,
+        )
+    )
+    detector.to(device)
+    inputs = prepare_input(images, channels_last=config.channels_last, dtype=dtype, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32)
+
+    def run():
+        with autocast:
+            return detector.simple_test(inputs, metas, rescale=False)
+
+    return run, params, flops
+
+
+def _build_detector(name: str):
+    from recnext_cli.errors import EnvironmentProblem
+
+    try:
+        from recnext_cli import compat
+
+        compat.apply_all()
+        import recnext_cli.models  # noqa: F401  (registers the RecNeXt backbones with mmdet)
+        from mmcv import Config
+        from mmdet.models import build_detector
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            f"--part detector needs mmcv-full and mmdet ({exc}); run `recnext setup`, or time --part backbone"
+        ) from None
+    from recnext_cli.models import config_file
+
+    cfg = Config.fromfile(str(config_file(name)))
+    # Random weights: latency does not depend on their values, and no checkpoint or ImageNet weights are needed.
+    cfg.model.backbone.init_cfg = None
+    cfg.model.pretrained = None
+    cfg.model.train_cfg = None
+    detector = build_detector(cfg.model, test_cfg=cfg.get("test_cfg"))
+    return detector.eval()
+
+
+def markdown_table(results: Sequence[BenchResult]) -> str:
+    """A Markdown table of the measurements next to the README's reported latency (iPhone) and box AP."""
+    if not results:
+        return ""
+    config = results[0].config
+    header = (
+        "Model", "Params (M)", "GFLOPs", "Median (ms)", "p10 (ms)", "p90 (ms)", "img/s",
+        "Reported latency (iPhone)", "Reported $AP^b$",
+    )  # fmt: skip
+    lines = [_row(header), _row((":---",) + ("---:",) * (len(header) - 1))]
+    for result in results:
+        lines.append(
+            _row((
+                result.title,
+                f"{result.params / 1e6:.2f}",
+                f"{result.gflops:.2f}",
+                f"{result.latency.median_ms:.2f}",
+                f"{result.latency.p10_ms:.2f}",
+                f"{result.latency.p90_ms:.2f}",
+                f"{result.throughput:.1f}",
+                "-" if result.reported_latency_ms is None else f"{result.reported_latency_ms:.1f}ms",
+                "-" if result.reported_box_ap is None else f"{result.reported_box_ap:.1f}",
+            ))
+        )
+    return "\n".join(lines) + "\n\n" + describe(config) + "\n"
+
+
+def describe(config: BenchConfig) -> str:
+    """One line saying what was timed, for captions and plot titles."""
+    height, width = config.input_size
+    flags = [flag for flag, on in (("fused", config.fused), ("channels-last", config.channels_last), ("compiled", config.compile)) if on]
+    threads = f", {config.threads} thread(s)" if config.threads else ""
+    return (
+        f"{config.part} on {config.device}{threads}, batch {config.batch} at {height}x{width}, {config.dtype}"
+        f"{', ' + ', '.join(flags) if flags else ', eager as published'}; "
+        f"{config.iters} timed calls after {config.warmup} warm-up calls"
+    )
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def plot_ap_vs_latency(results: Sequence[BenchResult], path: Path) -> Path:
+    """Write a PNG of reported box AP against measured median latency, one labelled point per model."""
+    points = [result for result in results if result.reported_box_ap is not None]
+    if not points:
+        raise UsageError("--plot needs at least one detection model (m3-m5, a3-a5): the others have no reported box AP")
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("--plot needs matplotlib; install it with `pip install matplotlib`") from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    try:
+        for series, marker in (("M", "o"), ("A", "s")):
+            members = sorted((r for r in points if r.model[0].upper() == series), key=lambda r: r.latency.median_ms)
+            if members:
+                axes.plot(
+                    [r.latency.median_ms for r in members],
+                    [r.reported_box_ap for r in members],
+                    marker=marker,
+                    label=f"RecNeXt-{series}",
+                )
+        for result in points:
+            axes.annotate(result.title, (result.latency.median_ms, result.reported_box_ap), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axes.set_xlabel("measured median latency (ms)")
+        axes.set_ylabel("reported box AP (COCO val2017)")
+        axes.set_title(describe(points[0].config), fontsize=7, wrap=True)
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+    finally:
+        plt.close(figure)
+    return path
