@@ -26,8 +26,8 @@ def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise IntegrityError(
-            f"{path} holds Python objects besides tensors, so it was not loaded (weights_only=True); "
-            f"it is not a RecNeXt checkpoint as released: {str(exc).splitlines()[0]}"
+            f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) refuses; give the "
+            f"backbone an ImageNet checkpoint ({{'model': state_dict}}) or a plain state dict: {str(exc).splitlines()[0]}"
         ) from exc
     if not isinstance(obj, dict):
         raise IntegrityError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary.")
