@@ -55,7 +55,6 @@ class LaunchPlan:
 
     argv: tuple[str, ...]
     env: dict[str, str]
-    topology: Topology
 
     def shell(self) -> str:
         """The plan as one copy-pasteable shell line: `VAR=value … python …`."""
@@ -94,7 +93,9 @@ def check_topology(topology: Topology, gpus_visible: int) -> None:
     if topology.nnodes < 1:
         raise UsageError(f"--nnodes {topology.nnodes}: need at least 1")
     if not 0 <= topology.node_rank < topology.nnodes:
-        raise UsageError(f"--node-rank {topology.node_rank} is outside 0..{topology.nnodes - 1} (--nnodes {topology.nnodes})")
+        raise UsageError(
+            f"--node-rank {topology.node_rank} is outside 0..{topology.nnodes - 1} (--nnodes {topology.nnodes})"
+        )
     # Under Slurm the workers land on other machines: the GPUs of the one launching the job say nothing.
     if topology.device == "cuda" and topology.launcher != "slurm" and topology.nproc_per_node > gpus_visible:
         raise UsageError(
@@ -135,7 +136,7 @@ def build_plan(runner: str, runner_args: list[str], topology: Topology, python: 
     worker = ["-m", RUNNER_MODULES[runner], *runner_args, "--launcher", topology.launcher]
     env = _worker_env(topology)
     if topology.launcher == "none":
-        return LaunchPlan((python, *worker), env, topology)
+        return LaunchPlan((python, *worker), env)
     if topology.launcher == "pytorch":
         master_addr = topology.master_addr or "127.0.0.1"
         master_port = topology.master_port
@@ -147,7 +148,7 @@ def build_plan(runner: str, runner_args: list[str], topology: Topology, python: 
             "--nproc-per-node", str(topology.nproc_per_node),
             "--master-addr", master_addr, "--master-port", str(master_port),
         ]
-        return LaunchPlan((*torchrun, *worker), env, topology)
+        return LaunchPlan((*torchrun, *worker), env)
     srun = ["srun"]
     if topology.partition:
         srun += ["--partition", topology.partition]
@@ -166,7 +167,7 @@ def build_plan(runner: str, runner_args: list[str], topology: Topology, python: 
         env["MASTER_ADDR"] = topology.master_addr
     if topology.master_port is not None:
         env["MASTER_PORT"] = str(topology.master_port)
-    return LaunchPlan((*srun, python, "-u", *worker), env, topology)
+    return LaunchPlan((*srun, python, "-u", *worker), env)
 
 
 def coco_layout_problems(data_root: Path, splits: tuple[str, ...]) -> list[str]:

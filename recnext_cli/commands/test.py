@@ -10,6 +10,9 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
+# What mmdet 2.28's CocoDataset.evaluate computes.
+COCO_METRICS = ("bbox", "segm", "proposal", "proposal_fast")
+
 
 def expand_variadic(args: list[str], names: tuple[str, ...]) -> list[str]:
     """`--eval bbox segm` -> `--eval bbox --eval segm`: every bare word after one of `names` repeats that option."""
@@ -61,7 +64,9 @@ MasterPort = Annotated[Optional[int], typer.Option(
     "Slurm: derived from the job id)", show_default=False,
 )]
 Partition = Annotated[Optional[str], typer.Option("--partition", help="Slurm partition (srun --partition).")]
-SrunArgs = Annotated[str, typer.Option("--srun-args", help='More srun arguments, e.g. "--time 2:00:00 --cpus-per-task 8".')]
+SrunArgs = Annotated[str, typer.Option(
+    "--srun-args", help='More srun arguments, e.g. "--time 2:00:00 --cpus-per-task 8".',
+)]
 CfgOptions = Annotated[Optional[list[str]], typer.Option(
     "--cfg-options", help="Config overrides KEY=VALUE ..., as mmdet's tools take them.", show_default=False,
 )]
@@ -171,7 +176,9 @@ def test(
         "--checkpoint", help="Detector weights (default: the zoo checkpoint, downloaded and verified into the cache)",
         show_default=False,
     )] = None,
-    metrics: Annotated[list[str], typer.Option("--eval", help="COCO metrics: bbox segm.")] = ["bbox", "segm"],  # noqa: B006
+    metrics: Annotated[list[str], typer.Option(
+        "--eval", help="COCO metrics: bbox segm (also proposal, proposal_fast).",
+    )] = ["bbox", "segm"],  # noqa: B006
     device: Device = None,
     nnodes: Nnodes = 1,
     node_rank: NodeRank = 0,
@@ -193,7 +200,11 @@ def test(
     Put NAME first: --eval and --cfg-options take every word that follows them, as in mmdet's tools.
     """
     from recnext_cli import launch
+    from recnext_cli.errors import UsageError
 
+    unknown = [metric for metric in metrics if metric not in COCO_METRICS]
+    if unknown:
+        raise UsageError(f"--eval {' '.join(unknown)}: COCO metrics are {', '.join(COCO_METRICS)}")
     notes: list[str] = []
     topology = launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
     config_path, checkpoint_path = resolved_files(name, config, checkpoint, dry_run, notes)

@@ -81,7 +81,9 @@ def train(
     from recnext_cli.errors import UsageError
 
     if resume_from and auto_resume:
-        raise UsageError("--resume-from and --auto-resume exclude each other: name a checkpoint, or let the work dir decide")
+        raise UsageError(
+            "--resume-from and --auto-resume exclude each other: name a checkpoint, or let the work dir decide"
+        )
     notes: list[str] = []
     topology = launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
     config_path, pretrain = resolved_files(name, config, dry_run, notes)

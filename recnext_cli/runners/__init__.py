@@ -8,10 +8,7 @@ import re
 from pathlib import Path
 
 from recnext_cli.errors import EnvironmentProblem
-from recnext_cli.launch import COCO_SPLITS, DEVICES, LAUNCHERS
-
-# mmdet's config keys for each split, and the COCO 2017 split each one reads (the upstream configs test on val2017).
-CONFIG_SPLITS = {"train": "train2017", "val": "val2017", "test": "val2017"}
+from recnext_cli.launch import DEVICES, LAUNCHERS
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +49,8 @@ def torchrun_env_from_slurm(environ: dict[str, str]) -> dict[str, str]:
         }
     except KeyError as exc:
         raise EnvironmentProblem(
-            f"--launcher slurm, but {exc.args[0]} is not set: start the workers with srun (as `recnext … --launcher slurm` does)"
+            f"--launcher slurm, but {exc.args[0]} is not set: "
+            "start the workers with srun (as `recnext … --launcher slurm` does)"
         ) from None
     return env
 
@@ -63,27 +61,18 @@ def join_job(launcher: str) -> None:
         os.environ.update(torchrun_env_from_slurm(dict(os.environ)))
 
 
-def point_at_dataset(cfg, data_root: Path) -> None:
-    """Aim the train/val/test datasets of an mmdet config at a COCO 2017 tree (RepeatDataset-style wrappers included)."""
-    cfg.data_root = f"{data_root}/"
-    for key, split in CONFIG_SPLITS.items():
-        annotations, images = COCO_SPLITS[split]
-        datasets = cfg.data.get(key)
-        for dataset in datasets if isinstance(datasets, list) else [datasets]:
-            while dataset is not None and "dataset" in dataset:
-                dataset = dataset.dataset
-            if dataset is not None:
-                dataset.ann_file = str(data_root / annotations)
-                dataset.img_prefix = f"{data_root / images}/"
-
-
 def load_config(path: str, data_root: Path, cfg_options: list[str]):
-    """The mmdet config at `path`, aimed at `data_root`, with `KEY=VALUE` overrides applied last so they win."""
+    """The mmdet config at `path`, aimed at `data_root`, with `KEY=VALUE` overrides applied last so they win.
+
+    Call after prepare_worker: the config may name RecNeXt backbones, which recnext_cli.models registers.
+    """
     from mmcv import Config, DictAction
     from mmdet.utils import replace_cfg_vals
 
+    from recnext_cli.models import set_data_root
+
     cfg = replace_cfg_vals(Config.fromfile(path))
-    point_at_dataset(cfg, data_root)
+    set_data_root(cfg, data_root)
     if cfg_options:
         # mmcv's own parser for `KEY=VALUE`, so lists and tuples read as they do with mmdet's tools.
         parsed = argparse.Namespace()

@@ -69,11 +69,6 @@ def remove_stale_staging(work_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def use_pretrain(cfg, checkpoint: str) -> None:
-    init_cfg = cfg.model.backbone.get("init_cfg") or {"type": "Pretrained"}
-    cfg.model.backbone.init_cfg = {**init_cfg, "checkpoint": checkpoint}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_worker(args.launcher)
@@ -85,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     from mmdet.utils import get_root_logger, setup_multi_processes
 
     from recnext_cli import compat
+    from recnext_cli.models import set_pretrain_checkpoint
 
     cfg = load_config(args.config, args.data_root, args.cfg_options)
     setup_multi_processes(cfg)
     if args.pretrain:
-        use_pretrain(cfg, args.pretrain)
+        set_pretrain_checkpoint(cfg, args.pretrain)
     cfg.work_dir = str(args.work_dir)
     cfg.resume_from = args.resume_from
     cfg.auto_resume = args.auto_resume

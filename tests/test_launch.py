@@ -1,0 +1,360 @@
+"""The launcher: torchrun/srun/plain command lines, --gpus and dataset checks, --dry-run, and stopping a job cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from recnext_cli import launch
+from recnext_cli.cli import app
+from recnext_cli.commands.test import expand_variadic
+from recnext_cli.errors import DatasetLayoutError, EnvironmentProblem, UnknownModelError, UsageError
+from recnext_cli.launch import Topology, build_plan, check_topology
+from recnext_cli.runners import first_host, torchrun_env_from_slurm
+
+CONFIG = Path(__file__).parent / "configs" / "mask_rcnn_recnext_tiny.py"
+
+
+def test_torchrun_plan_is_the_documented_command_line():
+    topology = Topology("pytorch", nproc_per_node=4, device="cuda", nnodes=2, node_rank=1,
+                        master_addr="10.0.0.1", master_port=29600)
+    plan = build_plan("test", ["cfg.py", "--checkpoint", "c.pth"], topology, python="py")
+    assert plan.argv == (
+        "py", "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "4",
+        "--master-addr", "10.0.0.1", "--master-port", "29600",
+        "-m", "recnext_cli.runners.test", "cfg.py", "--checkpoint", "c.pth", "--launcher", "pytorch",
+    )
+    assert plan.env == {}
+
+
+def test_single_node_torchrun_picks_a_free_port_and_multi_node_a_fixed_one():
+    single = build_plan("train", [], Topology("pytorch", nproc_per_node=2, device="cuda"), python="py")
+    port = int(single.argv[single.argv.index("--master-port") + 1])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # still free right after planning
+    assert single.argv[single.argv.index("--master-addr") + 1] == "127.0.0.1"
+    multi = build_plan("train", [], Topology("pytorch", 2, "cuda", nnodes=2, master_addr="node0"), python="py")
+    assert multi.argv[multi.argv.index("--master-port") + 1] == str(launch.DEFAULT_MASTER_PORT)
+
+
+def test_cpu_workers_hide_gpus_and_share_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    plan = build_plan("test", [], Topology("pytorch", nproc_per_node=2, device="cpu"), python="py")
+    assert plan.env == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "4"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert "OMP_NUM_THREADS" not in build_plan("test", [], Topology("none", 1, "cpu"), python="py").env
+
+
+def test_slurm_plan_runs_srun_with_tasks_per_node_and_kills_the_step_on_a_failure():
+    topology = Topology("slurm", nproc_per_node=8, device="cuda", nnodes=2, partition="gpu",
+                        srun_args=("--time", "2:00:00"))
+    plan = build_plan("train", ["cfg.py"], topology, python="py")
+    assert plan.argv == (
+        "srun", "--partition", "gpu", "--job-name", "recnext-train", "--nodes", "2", "--ntasks", "16",
+        "--ntasks-per-node", "8", "--gres=gpu:8", "--kill-on-bad-exit=1", "--time", "2:00:00",
+        "py", "-u", "-m", "recnext_cli.runners.train", "cfg.py", "--launcher", "slurm",
+    )
+    assert plan.env == {}
+    fixed = build_plan("train", [], Topology("slurm", 1, "cuda", master_addr="n1", master_port=1234), python="py")
+    assert fixed.env == {"MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
+
+
+def test_plain_plan_is_one_python_process():
+    plan = build_plan("test", ["cfg.py"], Topology("none", 1, "cuda"), python="py")
+    assert plan.argv == ("py", "-m", "recnext_cli.runners.test", "cfg.py", "--launcher", "none")
+
+
+def test_plan_shell_line_round_trips_through_a_shell_parser():
+    plan = build_plan("test", ["my config.py"], Topology("none", 1, "cpu"), python="py")
+    words = shlex.split(plan.shell())
+    assert words[0] == "CUDA_VISIBLE_DEVICES=" and "my config.py" in words
+
+
+@pytest.mark.parametrize(
+    ("topology", "visible", "message"),
+    [
+        (Topology("pytorch", 0, "cuda"), 8, "--gpus 0: need at least 1"),
+        (Topology("pytorch", -2, "cpu"), 0, "--gpus -2: need at least 1"),
+        (Topology("pytorch", 4, "cuda"), 2, "--gpus 4, but only 2 GPU(s) are visible"),
+        (Topology("none", 2, "cpu"), 0, "--launcher none runs one process"),
+        (Topology("pytorch", 1, "cuda", nnodes=2), 1, "needs --master-addr"),
+        (Topology("pytorch", 1, "cuda", nnodes=2, node_rank=2, master_addr="a"), 1, "--node-rank 2 is outside 0..1"),
+        (Topology("mpi", 1, "cpu"), 0, "--launcher 'mpi' is not one of"),
+    ],
+)
+def test_impossible_topologies_are_refused(topology, visible, message):
+    with pytest.raises(UsageError) as info:
+        check_topology(topology, visible)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_possible_topologies_pass():
+    check_topology(Topology("pytorch", 2, "cuda"), 2)
+    check_topology(Topology("pytorch", 16, "cpu"), 0)  # CPU workers are processes, not devices
+    check_topology(Topology("slurm", 8, "cuda", nnodes=4), 0)  # the launching host of an srun job may have none
+
+
+def test_device_defaults_to_cuda_only_when_a_gpu_is_visible():
+    assert launch.resolve_device(None, 0) == "cpu"
+    assert launch.resolve_device(None, 1) == "cuda"
+    with pytest.raises(UsageError, match="sees no CUDA GPU"):
+        launch.resolve_device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [("gpu07", "gpu07"), ("gpu[03-05,09],cpu1", "gpu03"), ("a1,b[2-3]", "a1"), ("rack[2-3]-n[011,020]", "rack2-n011")],
+)
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_slurm_task_variables_become_torchrun_variables():
+    environ = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[03-04]",
+               "SLURM_JOB_ID": "123456"}
+    assert torchrun_env_from_slurm(environ) == {
+        "RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu03",
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+    }
+    assert torchrun_env_from_slurm({**environ, "MASTER_PORT": "29999"})["MASTER_PORT"] == "29999"
+    with pytest.raises(EnvironmentProblem, match="SLURM_PROCID is not set: start the workers with srun"):
+        torchrun_env_from_slurm({k: v for k, v in environ.items() if k != "SLURM_PROCID"})
+
+
+def test_variadic_options_take_every_following_word():
+    args = ["m3", "--eval", "bbox", "segm", "--gpus", "2", "--cfg-options", "a=1", "b=[1,2]", "--dry-run"]
+    assert expand_variadic(args, ("--eval", "--cfg-options")) == [
+        "m3", "--eval", "bbox", "--eval", "segm", "--gpus", "2", "--cfg-options", "a=1", "--cfg-options", "b=[1,2]",
+        "--dry-run",
+    ]
+    assert expand_variadic(["--eval", "bbox", "--", "segm"], ("--eval",)) == ["--eval", "bbox", "--", "segm"]
+
+
+def test_dataset_layout_problems_name_what_is_missing(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")
+    assert launch.coco_layout_problems(tmp_path, ("val2017",)) == ["val2017/"]
+    with pytest.raises(DatasetLayoutError) as info:
+        launch.check_coco_layout(tmp_path, launch.SPLITS_FOR["train"])
+    message = str(info.value)
+    assert "missing annotations/instances_train2017.json, train2017/, val2017/" in message
+    assert f"expected {tmp_path}/{{annotations/instances_train2017.json, annotations/instances_val2017.json, " in message
+    assert "\n" not in message
+    (tmp_path / "val2017").mkdir()
+    launch.check_coco_layout(tmp_path, ("val2017",))
+
+
+def _coco_tree(root: Path, splits=("train2017", "val2017")) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    for split in splits:
+        (root / "annotations" / f"instances_{split}.json").write_text("{}")
+        (root / split).mkdir()
+    return root
+
+
+def test_test_dry_run_prints_the_exact_command_and_starts_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    checkpoint = tmp_path / "weights.pth"
+    checkpoint.write_bytes(b"")
+    data = _coco_tree(tmp_path / "coco")
+    result = CliRunner().invoke(app, [
+        "test", "tiny", "--config", str(CONFIG), "--checkpoint", str(checkpoint), "--data-root", str(data),
+        "--device", "cpu", "--gpus", "2", "--master-port", "29811", "--eval", "bbox", "segm",
+        "--cfg-options", "data.workers_per_gpu=0", "model.test_cfg.rcnn.max_per_img=50",
+        "--out", str(tmp_path / "m.json"), "--dry-run",
+    ])
+    assert result.exit_code == 0, result.output
+    assert shlex.split(result.stdout) == [
+        "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1", "--node-rank", "0", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", "29811", "-m", "recnext_cli.runners.test", str(CONFIG),
+        "--checkpoint", str(checkpoint), "--data-root", str(data), "--device", "cpu", "--model-name", "tiny",
+        "--out", str(tmp_path / "m.json"), "--eval", "bbox", "segm",
+        "--cfg-options", "data.workers_per_gpu=0", "model.test_cfg.rcnn.max_per_img=50", "--launcher", "pytorch",
+    ]
+    assert "note" not in result.stderr
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_dry_run_says_what_is_missing_but_still_prints_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECNEXT_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["train", "m3", "--device", "cpu", "--data-root", str(tmp_path / "nowhere"),
+                                      "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "recnext_m3_distill_300e.pth is missing in the cache" in result.stderr
+    assert f"{tmp_path / 'nowhere'} lacks annotations/instances_train2017.json" in result.stderr
+    pretrain = tmp_path / "home" / "checkpoints" / "recnext_m3_distill_300e.pth"
+    assert f"--pretrain {pretrain}" in result.stdout
+    assert "-m recnext_cli.runners.train" in result.stdout and "--launcher none" in result.stdout
+    assert "mask_rcnn_recnext_m3_fpn_1x_coco.py" in result.stdout
+    assert not (tmp_path / "home" / "checkpoints").exists()
+
+
+def test_train_passes_resume_choices_to_the_workers(tmp_path):
+    data = _coco_tree(tmp_path / "coco")
+    common = ["train", "tiny", "--config", str(CONFIG), "--device", "cpu", "--data-root", str(data), "--dry-run",
+              "--work-dir", str(tmp_path / "w")]
+    auto = CliRunner().invoke(app, [*common, "--auto-resume"])
+    assert auto.exit_code == 0, auto.output
+    assert "--auto-resume" in auto.stdout and "--pretrain" not in auto.stdout
+    assert "'tiny' is not in the zoo" in auto.stderr
+    both = CliRunner().invoke(app, [*common, "--auto-resume", "--resume-from", str(tmp_path / "x.pth")])
+    assert isinstance(both.exception, UsageError) and "exclude each other" in str(both.exception)
+
+
+def test_unknown_model_and_config_without_checkpoint_are_refused(tmp_path):
+    unknown = CliRunner().invoke(app, ["test", "m33", "--device", "cpu", "--dry-run"])
+    assert isinstance(unknown.exception, UnknownModelError) and "did you mean m3" in str(unknown.exception)
+    no_weights = CliRunner().invoke(app, ["test", "tiny", "--config", str(CONFIG), "--device", "cpu", "--dry-run"])
+    assert isinstance(no_weights.exception, UsageError) and "also needs --checkpoint" in str(no_weights.exception)
+
+
+@pytest.mark.parametrize("gpus", ["0", "-1"])
+def test_gpus_below_one_are_refused(gpus):
+    result = CliRunner().invoke(app, ["test", "m3", "--device", "cpu", "--gpus", gpus, "--dry-run"])
+    assert isinstance(result.exception, UsageError)
+    assert str(result.exception).startswith(f"--gpus {gpus}: need at least 1 (CPU worker processes per node)")
+
+
+def test_more_gpus_than_visible_are_refused(monkeypatch):
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 2)
+    result = CliRunner().invoke(app, ["test", "m3", "--gpus", "4", "--dry-run"])
+    assert isinstance(result.exception, UsageError)
+    assert "--gpus 4, but only 2 GPU(s) are visible on this node" in str(result.exception)
+
+
+def test_usage_errors_exit_2_with_one_red_line():
+    proc = subprocess.run([sys.executable, "-m", "recnext_cli", "test", "m3", "--device", "cpu", "--gpus", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: --gpus 0: need at least 1 (CPU worker processes per node)\n"
+
+
+def test_a_missing_dataset_stops_the_launch_before_any_worker(tmp_path):
+    checkpoint = tmp_path / "weights.pth"
+    checkpoint.write_bytes(b"")
+    result = CliRunner().invoke(app, ["test", "tiny", "--config", str(CONFIG), "--checkpoint", str(checkpoint),
+                                      "--device", "cpu", "--data-root", str(tmp_path)])
+    assert isinstance(result.exception, DatasetLayoutError)
+    assert "missing annotations/instances_val2017.json, val2017/" in str(result.exception)
+
+
+def _plan(code: str) -> launch.LaunchPlan:
+    return launch.LaunchPlan((sys.executable, "-c", textwrap.dedent(code)), {})
+
+
+def test_run_returns_the_job_exit_status():
+    assert launch.run(_plan("import sys; sys.exit(3)")) == 3
+    assert launch.run(_plan("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")) == 128 + signal.SIGKILL
+
+
+# A stand-in for torchrun: it starts a worker in a session of its own (as torchrun does), records the worker's pid,
+# and ignores SIGTERM, so only the wrapper's escalation can end it.
+LAUNCHER_LIKE_TORCHRUN = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+open(sys.argv[1], "w").write(str(worker.pid))
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])
+def test_stopping_the_wrapper_leaves_no_worker_behind(tmp_path, signals):
+    pid_file = tmp_path / "worker.pid"
+    wrapper = textwrap.dedent(f"""
+        import sys
+        from recnext_cli import launch
+        plan = launch.LaunchPlan((sys.executable, "-c", {LAUNCHER_LIKE_TORCHRUN!r}, {str(pid_file)!r}), {{}})
+        sys.exit(launch.run(plan, grace_s=1.0))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", wrapper])
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.3)
+    assert proc.wait(timeout=20) == 128 + signals[0]
+    deadline = time.monotonic() + 5
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(worker)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited and only waits for its new parent to collect it
+
+
+def test_metrics_json_round_trips_into_recnext_results(tmp_path):
+    from recnext_cli import results
+    from recnext_cli.runners.test import metrics_record, write_json
+
+    metrics = {"bbox_mAP": 0.417, "bbox_mAP_50": 0.634, "bbox_mAP_75": 0.454, "segm_mAP": 0.386,
+               "segm_mAP_50": 0.605, "segm_mAP_75": 0.414, "bbox_mAP_copypaste": "0.417 0.634 …"}
+    out = tmp_path / "r.json"
+    write_json(out, metrics_record("m3", metrics, "/c.pth", "/cfg.py"))
+    document = json.loads(out.read_text())
+    assert "bbox_mAP_copypaste" not in document["metrics"] and document["checkpoint"] == "/c.pth"
+    row = results.markdown_table([results.read_result_file(out)]).splitlines()[-1]
+    assert row.startswith("| RecNeXt-M3 | 41.7 | 63.4 | 45.4 | 38.6 | 60.5 | 41.4 |")
+
+
+class _RunnerWritingInPieces:
+    """Writes a checkpoint in two pieces, as a large torch.save does; `crash` stops it between them."""
+
+    epoch = 0
+    crash = False
+
+    def save_checkpoint(self, out_dir, filename_tmpl="epoch_{}.pth", create_symlink=True):
+        path = Path(out_dir) / filename_tmpl.format(self.epoch + 1)
+        with open(path, "wb") as file:
+            file.write(b"first half ")
+            if self.crash:
+                raise KeyboardInterrupt
+            file.write(b"second half")
+        if create_symlink:
+            (Path(out_dir) / "latest.pth").unlink(missing_ok=True)
+            (Path(out_dir) / "latest.pth").symlink_to(path.name)
+
+
+def test_checkpoints_appear_complete_or_not_at_all(tmp_path):
+    from recnext_cli.runners.train import AtomicCheckpointMixin
+
+    runner = type("AtomicRunner", (AtomicCheckpointMixin, _RunnerWritingInPieces), {})()
+    runner.save_checkpoint(str(tmp_path))
+    assert (tmp_path / "epoch_1.pth").read_bytes() == b"first half second half"
+    runner.epoch, runner.crash = 1, True
+    with pytest.raises(KeyboardInterrupt):
+        runner.save_checkpoint(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pth", "latest.pth"]
+    assert os.readlink(tmp_path / "latest.pth") == "epoch_1.pth"
+    runner.crash = False
+    runner.save_checkpoint(str(tmp_path), filename_tmpl="iter_{}.pth")
+    assert os.readlink(tmp_path / "latest.pth") == "iter_2.pth"
+    assert (tmp_path / "iter_2.pth").read_bytes() == b"first half second half"
+
+
+def test_unknown_metrics_are_refused_before_anything_starts():
+    result = CliRunner().invoke(app, ["test", "m3", "--device", "cpu", "--eval", "bbox", "mAP", "--dry-run"])
+    assert isinstance(result.exception, UsageError)
+    assert str(result.exception) == "--eval mAP: COCO metrics are bbox, segm, proposal, proposal_fast"
