@@ -446,6 +446,11 @@ def test_unset_or_unsafe_checkpoints_are_refused(mmdet_models, tmp_path):
     unsafe = mmdet_models.build_backbone(dict(type="recnext_m0", init_cfg=dict(type="Pretrained", checkpoint=str(pickled))))
     with pytest.raises(IntegrityError, match="weights_only"):
         unsafe.init_weights()
+    other_variant = tmp_path / "recnext_m1_distill_300e.pth"
+    _imagenet_checkpoint(other_variant, "m1")
+    mismatched = mmdet_models.build_backbone(dict(type="recnext_m0", init_cfg=dict(type="Pretrained", checkpoint=str(other_variant))))
+    with pytest.raises(IntegrityError, match="does not fit recnext_m0"):
+        mismatched.init_weights()
 
 
 def _tiny_detector(mmdet_models, variant: str):

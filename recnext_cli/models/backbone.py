@@ -10,7 +10,7 @@ from mmcv.utils import print_log
 from mmdet.models.builder import BACKBONES
 from mmdet.utils import get_root_logger
 
-from recnext_cli.errors import UsageError
+from recnext_cli.errors import IntegrityError, UsageError
 from recnext_cli.models.checkpoint import read_backbone_state
 from recnext_cli.nn import VARIANTS, RecNeXt, maybe_sync_bn
 
@@ -56,7 +56,10 @@ class RecNeXtBackbone(RecNeXt, BaseModule):
                 f"recnext_{self.variant.name}_distill_300e.pth, or set model.backbone.init_cfg=None to train from scratch."
             )
         state = read_backbone_state(checkpoint)
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # size mismatches, e.g. another variant's weights
+            raise IntegrityError(f"{checkpoint} does not fit {name}: {exc}") from exc
         logger = get_root_logger()
         print_log(f"{name}: loaded {len(state) - len(unexpected)} tensors from {checkpoint}", logger=logger)
         if missing:
