@@ -158,12 +158,13 @@ def prepare_for_inference(
 ) -> nn.Module:
     """`model` (changed in place, also returned) in eval mode on `device` in `dtype`, rewritten for inference.
 
-    - fused: BatchNorms folded into convolutions (`recnext_cli.nn.fuse`); on a CPU with oneDNN, 1x1 convolutions
-      also run on oneDNN where PyTorch would pick its slower THNN kernel.
+    - fused: BatchNorms folded into convolutions (`recnext_cli.nn.fuse`); on a CPU with oneDNN and without compile,
+      1x1 convolutions also run on oneDNN where PyTorch would pick its slower THNN kernel.
     - channels_last: weights in NHWC memory format, and A-series attention computed token-major so that NHWC
       activations flow through without layout copies. Feed NHWC inputs (`prepare_input`) to get the benefit.
     - compile: `torch.compile` — on CUDA with CUDA graphs (mode "reduce-overhead", so each call's outputs are
-      overwritten by the next call), on CPU with inductor's weight freezing. The first call compiles (minutes).
+      overwritten by the next call), on CPU with inductor's weight freezing (`FrozenCompiled`; call it with gradients
+      off). The first call compiles (minutes on a small CPU).
     - dtype: fp16/bf16 cast the whole model; outputs then differ from fp32 by the type's rounding.
     With fp32 and any combination of the flags, outputs equal the eager unfused model's within 1e-4 relative.
     """
@@ -171,7 +172,8 @@ def prepare_for_inference(
     model.eval()
     if fused:
         model = fuse(model)
-        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        # Compiled models get their oneDNN kernels from inductor, which cannot trace mkldnn_convolution.
+        if device.type == "cpu" and not compile and torch.backends.mkldnn.is_available():
             model = _replace(model, _pointwise_on_onednn)
     if channels_last:
         model = _replace(model, _channels_last_attention)
@@ -182,8 +184,27 @@ def prepare_for_inference(
         if device.type == "cuda":
             model = torch.compile(model, mode="reduce-overhead")
         else:
-            model = torch.compile(model, options={"freezing": True})
+            model = FrozenCompiled(torch.compile(model))
     return model
+
+
+class FrozenCompiled(nn.Module):
+    """A torch.compile'd CPU model that compiles with inductor's freezing: weights become constants, so inductor
+    prepacks them for oneDNN and fuses GELU into the convolutions.
+
+    torch 2.14 ignores `freezing` passed through torch.compile's `options`; it must be set in inductor's config
+    while the first call compiles, and is set here on every call so that recompilations see it too.
+    """
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, x: torch.Tensor):
+        import torch._inductor.config
+
+        with torch._inductor.config.patch(freezing=True):
+            return self.compiled(x)
 
 
 def prepare_input(
