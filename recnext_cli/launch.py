@@ -72,12 +72,17 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def resolve_device(requested: str | None, gpus_visible: int) -> str:
-    """`cuda` when a GPU is visible and nothing was asked for; refuse `cuda` on a machine without one."""
+def resolve_device(requested: str | None, gpus_visible: int, launcher: str) -> str:
+    """`cuda` when a GPU is visible and nothing was asked for; refuse `cuda` on a machine without one.
+
+    Under Slurm the workers run on the allocated nodes, not here: `cuda` is the default and is not checked locally.
+    """
+    if requested is not None and requested not in DEVICES:
+        raise UsageError(f"--device {requested!r} is not one of {', '.join(DEVICES)}")
+    if launcher == "slurm":
+        return requested or "cuda"
     if requested is None:
         return "cuda" if gpus_visible else "cpu"
-    if requested not in DEVICES:
-        raise UsageError(f"--device {requested!r} is not one of {', '.join(DEVICES)}")
     if requested == "cuda" and not gpus_visible:
         raise UsageError("--device cuda, but torch sees no CUDA GPU here; use --device cpu for CPU workers")
     return requested

@@ -107,10 +107,20 @@ def test_possible_topologies_pass():
 
 
 def test_device_defaults_to_cuda_only_when_a_gpu_is_visible():
-    assert launch.resolve_device(None, 0) == "cpu"
-    assert launch.resolve_device(None, 1) == "cuda"
+    assert launch.resolve_device(None, 0, "pytorch") == "cpu"
+    assert launch.resolve_device(None, 1, "none") == "cuda"
     with pytest.raises(UsageError, match="sees no CUDA GPU"):
-        launch.resolve_device("cuda", 0)
+        launch.resolve_device("cuda", 0, "pytorch")
+    with pytest.raises(UsageError, match="--device 'tpu' is not one of cuda, cpu"):
+        launch.resolve_device("tpu", 1, "pytorch")
+
+
+def test_slurm_jobs_default_to_cuda_even_from_a_login_node_without_gpus(monkeypatch, tmp_path):
+    monkeypatch.setenv("RECNEXT_HOME", str(tmp_path))
+    monkeypatch.setattr(launch, "visible_gpus", lambda: pytest.fail("a Slurm launch must not count local GPUs"))
+    result = CliRunner().invoke(app, ["test", "m3", "--launcher", "slurm", "--gpus", "8", "--nnodes", "2", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "--ntasks 16 --ntasks-per-node 8 --gres=gpu:8" in result.stdout and "--device cuda" in result.stdout
 
 
 @pytest.mark.parametrize(

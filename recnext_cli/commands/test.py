@@ -81,12 +81,13 @@ def launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, mast
     """Check the launcher options against this machine and return them as a launch.Topology."""
     from recnext_cli import launch
 
-    # Only a CUDA run needs torch here to count GPUs; `--device cpu` keeps the launching process light.
-    gpus_visible = 0 if device == "cpu" else launch.visible_gpus()
+    launcher = launcher or launch.default_launcher(gpus * nnodes)
+    # Counting GPUs imports torch: only a run on this machine's GPUs needs it.
+    gpus_visible = 0 if device == "cpu" or launcher == "slurm" else launch.visible_gpus()
     topology = launch.Topology(
-        launcher=launcher or launch.default_launcher(gpus * nnodes),
+        launcher=launcher,
         nproc_per_node=gpus,
-        device=launch.resolve_device(device, gpus_visible),
+        device=launch.resolve_device(device, gpus_visible, launcher),
         nnodes=nnodes,
         node_rank=node_rank,
         master_addr=master_addr,
