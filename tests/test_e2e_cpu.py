@@ -53,7 +53,7 @@ def coco(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(coco, tmp_path_factory) -> Path:
+def trained_dir(coco, tmp_path_factory) -> Path:
     """A work dir after a short training with two gloo workers."""
     work_dir = tmp_path_factory.mktemp("train") / "tiny"
     result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", "2",
@@ -63,22 +63,20 @@ def trained(coco, tmp_path_factory) -> Path:
     return work_dir
 
 
-def test_training_with_two_workers_leaves_complete_checkpoints_and_a_json_log(trained):
-    work_dir = trained
-    assert os.readlink(work_dir / "latest.pth") == f"epoch_{EPOCHS}.pth"
-    assert sorted(p.name for p in work_dir.glob("epoch_*.pth")) == [f"epoch_{n}.pth" for n in range(1, EPOCHS + 1)]
-    assert not list(work_dir.glob(".saving-*"))
-    (log,) = work_dir.glob("*.log.json")
+def test_training_with_two_workers_leaves_complete_checkpoints_and_a_json_log(trained_dir):
+    assert os.readlink(trained_dir / "latest.pth") == f"epoch_{EPOCHS}.pth"
+    assert sorted(p.name for p in trained_dir.glob("epoch_*.pth")) == [f"epoch_{n}.pth" for n in range(1, EPOCHS + 1)]
+    assert not list(trained_dir.glob(".saving-*"))
+    (log,) = trained_dir.glob("*.log.json")
     records = [json.loads(line) for line in log.read_text().splitlines()[1:]]
     assert {r["epoch"] for r in records if r.get("mode") == "train"} == set(range(1, EPOCHS + 1))
 
 
-def test_short_training_learns_boxes_and_one_or_two_workers_agree(trained, coco, tmp_path):
-    work_dir = trained
+def test_short_training_learns_boxes_and_one_or_two_workers_agree(trained_dir, coco, tmp_path):
     metrics = {}
     for workers in (1, 2):
         out = tmp_path / f"{workers}.json"
-        result = recnext("test", "tiny", "--config", str(TINY), "--checkpoint", str(work_dir / "latest.pth"),
+        result = recnext("test", "tiny", "--config", str(TINY), "--checkpoint", str(trained_dir / "latest.pth"),
                          "--device", "cpu", "--gpus", str(workers), "--data-root", str(coco), "--out", str(out))
         assert result.returncode == 0, result.stderr[-4000:]
         metrics[workers] = json.loads(out.read_text())["metrics"]
@@ -87,11 +85,10 @@ def test_short_training_learns_boxes_and_one_or_two_workers_agree(trained, coco,
     assert metrics[1]["bbox_mAP"] > 0.05, metrics[1]
 
 
-def test_auto_resume_continues_from_the_last_complete_checkpoint(trained, coco, tmp_path):
-    work_dir = trained
+def test_auto_resume_continues_from_the_last_complete_checkpoint(trained_dir, coco, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    (resumed / "epoch_1.pth").symlink_to(work_dir / "epoch_1.pth")
+    (resumed / "epoch_1.pth").symlink_to(trained_dir / "epoch_1.pth")
     # What a job killed while saving epoch 2 leaves: a staging folder with a torn file, and no epoch_2.pth.
     (resumed / ".saving-x1").mkdir()
     (resumed / ".saving-x1" / "epoch_2.pth").write_bytes(b"torn")
