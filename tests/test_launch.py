@@ -261,6 +261,24 @@ def test_a_missing_dataset_stops_the_launch_before_any_worker(tmp_path):
     assert "missing annotations/instances_val2017.json, val2017/" in str(result.exception)
 
 
+def test_the_dataset_is_checked_before_a_checkpoint_is_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECNEXT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RECNEXT_OFFLINE", "1")  # a download attempt would raise DownloadError instead
+    result = CliRunner().invoke(app, ["train", "m3", "--device", "cpu", "--data-root", str(tmp_path)])
+    assert isinstance(result.exception, DatasetLayoutError)
+
+
+def test_files_named_on_the_command_line_must_exist(tmp_path):
+    data = _coco_tree(tmp_path / "coco")
+    result = CliRunner().invoke(app, ["test", "tiny", "--config", str(CONFIG), "--checkpoint", str(tmp_path / "no.pth"),
+                                      "--device", "cpu", "--data-root", str(data)])
+    assert isinstance(result.exception, UsageError)
+    assert str(result.exception) == f"--checkpoint {tmp_path / 'no.pth'} does not exist"
+    dry = CliRunner().invoke(app, ["train", "tiny", "--config", str(tmp_path / "c.py"), "--device", "cpu",
+                                   "--data-root", str(data), "--dry-run"])
+    assert dry.exit_code == 0 and f"--config {tmp_path / 'c.py'} does not exist yet" in dry.stderr
+
+
 def _plan(code: str) -> launch.LaunchPlan:
     return launch.LaunchPlan((sys.executable, "-c", textwrap.dedent(code)), {})
 

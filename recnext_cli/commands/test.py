@@ -125,6 +125,31 @@ def run_or_show(runner: str, runner_args: list[str], topology, notes: list[str],
     console.print(f"{runner} job finished in {time.monotonic() - started:.0f}s")
 
 
+def checked_dataset(data_root: Path, runner: str, dry_run: bool, notes: list[str]) -> Path:
+    """`data_root`, absolute, once it has the COCO files `runner` reads; with --dry-run a note says what it lacks."""
+    from recnext_cli import launch
+
+    data_root = data_root.resolve()
+    splits = launch.SPLITS_FOR[runner]
+    if not dry_run:
+        launch.check_coco_layout(data_root, splits)
+    elif missing := launch.coco_layout_problems(data_root, splits):
+        notes.append(f"dataset incomplete, the run would stop here: {data_root} lacks {', '.join(missing)}")
+    return data_root
+
+
+def existing_file(path: Path, option: str, dry_run: bool, notes: list[str]) -> Path:
+    """`path`, absolute; a missing file stops the launch (or, with --dry-run, gets a note)."""
+    from recnext_cli.errors import UsageError
+
+    path = path.resolve()
+    if not path.is_file():
+        if not dry_run:
+            raise UsageError(f"{option} {path} does not exist")
+        notes.append(f"{option} {path} does not exist yet")
+    return path
+
+
 def zoo_config(name: str) -> Path:
     """The config file the zoo names for a detection model (the zoo keeps them in the repository's configs/)."""
     from recnext_cli import zoo
@@ -166,7 +191,10 @@ def resolved_files(name: str, config: Path | None, checkpoint: Path | None, dry_
                 raise
             raise UsageError(f"{exc}; a --config outside the zoo also needs --checkpoint") from None
         checkpoint = fetched(record, dry_run, notes)
-    return (config or zoo_config(name)).resolve(), checkpoint.resolve()
+    else:
+        checkpoint = existing_file(checkpoint, "--checkpoint", dry_run, notes)
+    config = existing_file(config, "--config", dry_run, notes) if config else zoo_config(name)
+    return config, checkpoint.resolve()
 
 
 def test(
@@ -208,14 +236,8 @@ def test(
         raise UsageError(f"--eval {' '.join(unknown)}: COCO metrics are {', '.join(COCO_METRICS)}")
     notes: list[str] = []
     topology = launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
+    data_root = checked_dataset(data_root, "test", dry_run, notes)
     config_path, checkpoint_path = resolved_files(name, config, checkpoint, dry_run, notes)
-    data_root = data_root.resolve()
-    if dry_run:
-        missing = launch.coco_layout_problems(data_root, launch.SPLITS_FOR["test"])
-        if missing:
-            notes.append(f"dataset incomplete, the run would stop here: {data_root} lacks {', '.join(missing)}")
-    else:
-        launch.check_coco_layout(data_root, launch.SPLITS_FOR["test"])
     out = (out or Path("work_dirs") / name / "test_result.json").resolve()
     runner_args = [
         str(config_path), "--checkpoint", str(checkpoint_path), "--data-root", str(data_root),

@@ -21,6 +21,8 @@ from recnext_cli.commands.test import (
     NodeRank,
     Partition,
     SrunArgs,
+    checked_dataset,
+    existing_file,
     fetched,
     launch_topology,
     run_or_show,
@@ -33,15 +35,16 @@ def resolved_files(name: str, config: Path | None, dry_run: bool, notes: list[st
     from recnext_cli import zoo
     from recnext_cli.errors import UnknownModelError
 
+    if config:
+        config = existing_file(config, "--config", dry_run, notes)
     try:
         record = zoo.get_checkpoint(name, pretrain=True)
     except UnknownModelError:
         if config is None:
             raise
         notes.append(f"{name!r} is not in the zoo: the backbone starts from what {config.name} itself says")
-        return config.resolve(), None
-    config = config or zoo_config(name)
-    return config.resolve(), fetched(record, dry_run, notes).resolve()
+        return config, None
+    return config or zoo_config(name), fetched(record, dry_run, notes).resolve()
 
 
 def train(
@@ -77,7 +80,6 @@ def train(
     Checkpoints are written to a temporary name and renamed when complete, so --auto-resume after a killed job
     continues from the last complete one. Put NAME first: --cfg-options takes every word that follows it.
     """
-    from recnext_cli import launch
     from recnext_cli.errors import UsageError
 
     if resume_from and auto_resume:
@@ -86,14 +88,10 @@ def train(
         )
     notes: list[str] = []
     topology = launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
+    data_root = checked_dataset(data_root, "train", dry_run, notes)
     config_path, pretrain = resolved_files(name, config, dry_run, notes)
-    data_root = data_root.resolve()
-    if dry_run:
-        missing = launch.coco_layout_problems(data_root, launch.SPLITS_FOR["train"])
-        if missing:
-            notes.append(f"dataset incomplete, the run would stop here: {data_root} lacks {', '.join(missing)}")
-    else:
-        launch.check_coco_layout(data_root, launch.SPLITS_FOR["train"])
+    if resume_from:
+        resume_from = existing_file(resume_from, "--resume-from", dry_run, notes)
     work_dir = (work_dir or Path("work_dirs") / name).resolve()
     runner_args = [
         str(config_path), "--data-root", str(data_root), "--device", topology.device,
@@ -102,7 +100,7 @@ def train(
     if pretrain:
         runner_args += ["--pretrain", str(pretrain)]
     if resume_from:
-        runner_args += ["--resume-from", str(resume_from.resolve())]
+        runner_args += ["--resume-from", str(resume_from)]
     if auto_resume:
         runner_args.append("--auto-resume")
     if cfg_options:
