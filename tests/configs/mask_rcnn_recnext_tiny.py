@@ -1,71 +1,31 @@
 """Mask R-CNN on RecNeXt-M0 shrunk for CPU tests: 128x128 images of recnext's synthetic shapes, narrow heads."""
 
-_base_ = ['../../configs/_base_/datasets/coco_instance.py', '../../configs/_base_/default_runtime.py']
-custom_imports = dict(imports=['recnext_cli.models'], allow_failed_imports=False)
+_base_ = [
+    '../../configs/_base_/models/mask_rcnn_recnext_fpn.py',
+    '../../configs/_base_/datasets/coco_instance.py',
+    '../../configs/_base_/default_runtime.py',
+]
 
 classes = ('rectangle', 'ellipse', 'triangle')
 width = 64
+# The published model with narrower heads, fewer samples and proposals, and anchors sized for 128x128 images.
 model = dict(
-    type='MaskRCNN',
     # Trained from scratch: the tests have no ImageNet weights to start from.
     backbone=dict(type='recnext_m0', init_cfg=None),
-    neck=dict(type='FPN', in_channels=[40, 80, 160, 320], out_channels=width, num_outs=5),
-    rpn_head=dict(
-        type='RPNHead',
-        in_channels=width,
-        feat_channels=width,
-        anchor_generator=dict(type='AnchorGenerator', scales=[4], ratios=[0.5, 1.0, 2.0], strides=[4, 8, 16, 32, 64]),
-        bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0] * 4, target_stds=[1.0] * 4),
-        loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
-        loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+    neck=dict(in_channels=[40, 80, 160, 320], out_channels=width),
+    rpn_head=dict(in_channels=width, feat_channels=width, anchor_generator=dict(scales=[4])),
     roi_head=dict(
-        type='StandardRoIHead',
-        bbox_roi_extractor=dict(
-            type='SingleRoIExtractor',
-            roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0),
-            out_channels=width,
-            featmap_strides=[4, 8, 16, 32]),
-        bbox_head=dict(
-            type='Shared2FCBBoxHead',
-            in_channels=width,
-            fc_out_channels=256,
-            roi_feat_size=7,
-            num_classes=len(classes),
-            bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
-            reg_class_agnostic=False,
-            loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
-            loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
-        mask_roi_extractor=dict(
-            type='SingleRoIExtractor',
-            roi_layer=dict(type='RoIAlign', output_size=14, sampling_ratio=0),
-            out_channels=width,
-            featmap_strides=[4, 8, 16, 32]),
-        mask_head=dict(
-            type='FCNMaskHead',
-            num_convs=2,
-            in_channels=width,
-            conv_out_channels=width,
-            num_classes=len(classes),
-            loss_mask=dict(type='CrossEntropyLoss', use_mask=True, loss_weight=1.0))),
+        bbox_roi_extractor=dict(out_channels=width),
+        bbox_head=dict(in_channels=width, fc_out_channels=256, num_classes=len(classes)),
+        mask_roi_extractor=dict(out_channels=width),
+        mask_head=dict(num_convs=2, in_channels=width, conv_out_channels=width, num_classes=len(classes))),
     train_cfg=dict(
-        rpn=dict(
-            assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
-                          match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type='RandomSampler', num=128, pos_fraction=0.5, neg_pos_ub=-1, add_gt_as_proposals=False),
-            allowed_border=-1,
-            pos_weight=-1,
-            debug=False),
-        rpn_proposal=dict(nms_pre=500, max_per_img=200, nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
-        rcnn=dict(
-            assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
-                          match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type='RandomSampler', num=128, pos_fraction=0.25, neg_pos_ub=-1, add_gt_as_proposals=True),
-            mask_size=28,
-            pos_weight=-1,
-            debug=False)),
+        rpn=dict(sampler=dict(num=128)),
+        rpn_proposal=dict(nms_pre=500, max_per_img=200),
+        rcnn=dict(sampler=dict(num=128))),
     test_cfg=dict(
-        rpn=dict(nms_pre=500, max_per_img=100, nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
-        rcnn=dict(score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5), max_per_img=20, mask_thr_binary=0.5)))
+        rpn=dict(nms_pre=500, max_per_img=100),
+        rcnn=dict(max_per_img=20)))
 
 img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
 train_pipeline = [
