@@ -70,7 +70,21 @@ def test_scatter_stream_needs_fix_and_passes_devices_with_it(monkeypatch):
     out = f.Scatter.forward([0, 1], data)
     assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert copied == [([0, 1], [None, None])]
-    assert out[0] is data
+    assert out == (data,)
+
+
+@pytest.mark.parametrize("payload", ["tensor", "list"])
+def test_patched_scatter_returns_what_mmcv_returns_on_cpu(monkeypatch, payload):
+    from mmcv.parallel import _functions as f
+
+    original = original_of(f.Scatter.forward)
+    scatter.patch()
+    data = torch.arange(6.0).reshape(2, 3)
+    item = data if payload == "tensor" else [data, data + 1]
+    expected, got = original([-1], item), f.Scatter.forward([-1], item)
+    assert type(got) is type(expected) is tuple and len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
 
 
 class Payload:

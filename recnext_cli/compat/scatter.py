@@ -27,7 +27,7 @@ def _forward(target_gpus, input):
     outputs = f.scatter(input, target_gpus, streams)
     if streams is not None:
         f.synchronize_stream(outputs, target_gpus, streams)
-    return tuple(outputs) if isinstance(outputs, list) else outputs
+    return tuple(outputs) if isinstance(outputs, list) else (outputs,)
 
 
 def patch() -> None:
