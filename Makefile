@@ -15,7 +15,7 @@ setup: $(BIN)/recnext
 	$(BIN)/recnext setup
 
 demo: setup
-	$(BIN)/recnext doctor
+	$(BIN)/recnext demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from recnext_cli import __version__
-from recnext_cli.commands import bench, doctor, download, list_, results, setup, test, train, verify
+from recnext_cli.commands import bench, demo, doctor, download, list_, results, setup, test, train, verify
 from recnext_cli.errors import RecnextError
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ app.command("results")(results.results)
 app.command("test", cls=test.VariadicCommand)(test.test)
 app.command("train", cls=test.VariadicCommand)(train.train)
 app.add_typer(bench.app, name="bench")
+app.command("demo")(demo.demo)
 
 
 def main() -> None:

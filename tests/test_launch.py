@@ -23,7 +23,7 @@ from recnext_cli.errors import DatasetLayoutError, EnvironmentProblem, UnknownMo
 from recnext_cli.launch import Topology, build_plan, check_topology
 from recnext_cli.runners import first_host, torchrun_env_from_slurm
 
-CONFIG = Path(__file__).parent / "configs" / "mask_rcnn_recnext_tiny.py"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "mask_rcnn_recnext_m0_shapes.py"
 
 
 def test_torchrun_plan_is_the_documented_command_line():

@@ -81,9 +81,26 @@ def load_config(path: str, data_root: Path, cfg_options: list[str]):
     return cfg
 
 
+def quiet_worker_output() -> None:
+    """Keep each worker's console to mmdet's progress and results.
+
+    mmcv 1.7 warns about its 2.0 rename at every import and, without a log file yet, prints one multi-line record per
+    parameter when a model initialises its weights (thousands of lines for Mask R-CNN); neither helps a user here.
+    """
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="On January 1, 2023, MMCV will release v2.0.0")
+    from mmcv.utils import get_logger
+
+    # get_logger sets the level only the first time a name is asked for; later calls keep ours.
+    get_logger("mmcv").setLevel(logging.WARNING)
+
+
 def prepare_worker(launcher: str) -> None:
     """Join the job's environment, apply the in-process mmcv/mmdet fixes, register the RecNeXt backbones."""
     join_job(launcher)
+    quiet_worker_output()
     from recnext_cli import compat
 
     compat.apply_all()

@@ -1,9 +1,9 @@
-"""Mask R-CNN on RecNeXt-M0 shrunk for CPU tests: 128x128 images of recnext's synthetic shapes, narrow heads."""
+"""RecNeXt-M0 Mask R-CNN shrunk for CPU: 128x128 images of the synthetic shapes set, narrow heads (demo and tests)."""
 
 _base_ = [
-    '../../configs/_base_/models/mask_rcnn_recnext_fpn.py',
-    '../../configs/_base_/datasets/coco_instance.py',
-    '../../configs/_base_/default_runtime.py',
+    '../_base_/models/mask_rcnn_recnext_fpn.py',
+    '../_base_/datasets/coco_instance.py',
+    '../_base_/default_runtime.py',
 ]
 
 classes = ('rectangle', 'ellipse', 'triangle')
