@@ -216,11 +216,11 @@ def prepare_input(
 
 
 class NchwFeatures(nn.Module):
-    """A prepared backbone whose feature maps leave in fp32 NCHW memory order, the layout and type mmdet's heads expect."""
+    """A prepared backbone whose feature maps leave in NCHW memory order, the layout mmcv's RoI ops index."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [feature.float().contiguous() for feature in self.backbone(x)]
+        return [feature.contiguous() for feature in self.backbone(x)]

@@ -305,3 +305,9 @@ def test_cli_times_the_whole_detector():
 def test_detector_needs_sides_that_are_multiples_of_32():
     result = _invoke("m3", "--part", "detector", "--input", "100x100")
     assert isinstance(result.exception, UsageError)
+
+
+def test_detector_half_precision_needs_cuda_fp16():
+    result = _invoke("m3", "--part", "detector", "--device", "cpu", "--dtype", "bf16", "--input", "128x128")
+    assert isinstance(result.exception, UsageError)
+    assert "fp16" in str(result.exception)
