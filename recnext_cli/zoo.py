@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from pathlib import Path
 from types import MappingProxyType
 
-from recnext_cli.errors import UnknownModelError, UsageError
+from recnext_cli.errors import EnvironmentProblem, UnknownModelError, UsageError
 
 RELEASES_URL = "https://github.com/suous/RecNeXt/releases/download"
+# Model.config paths are relative to the repository root, which holds configs/ beside recnext_cli/.
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_ROOT = REPOSITORY_ROOT / "configs"
 # The M series was published with release v1.0, the A series (linear attention) later with v2.0.
 RELEASE_TAGS = MappingProxyType({"M": "v1.0", "A": "v2.0"})
 
@@ -121,3 +125,12 @@ def get_checkpoint(name: str, pretrain: bool = False) -> Checkpoint:
             f"{', '.join(DETECTION_MODELS)}); ask for its ImageNet weights with --pretrain"
         )
     return model.coco
+
+
+def config_path(name: str) -> Path:
+    """The mmdet config file of detection model `name`."""
+    get_checkpoint(name)  # a classification-only size has no detection config: say so the zoo's way
+    path = REPOSITORY_ROOT / get_model(name).config
+    if not path.is_file():
+        raise EnvironmentProblem(f"{path} is missing: recnext's configs/ folder must sit beside recnext_cli/")
+    return path

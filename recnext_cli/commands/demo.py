@@ -8,8 +8,6 @@ from typing import Annotated
 
 import typer
 
-# The model the demo trains: RecNeXt-M0 Mask R-CNN shrunk to the synthetic shapes (in the repository's configs/).
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "mask_rcnn_recnext_m0_shapes.py"
 DEMO_NAME = "m0-shapes"
 
 
@@ -29,6 +27,10 @@ def demo(
 
     from recnext_cli.commands import infer, test, train
     from recnext_cli.synthetic import DEFAULT_CLASSES, make_synthetic_coco
+    from recnext_cli.zoo import CONFIG_ROOT
+
+    # RecNeXt-M0 Mask R-CNN shrunk to the synthetic shapes; the tests train the same config.
+    demo_config = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
 
     console = Console(stderr=True, highlight=False)
     out = out.resolve()
@@ -41,13 +43,13 @@ def demo(
                       f"{', '.join(info.classes)} in {data_root}")
     work_dir = out / "train"
     console.rule(f"2/4 training {DEMO_NAME} with {workers} CPU workers")
-    train.train(DEMO_NAME, gpus=workers, data_root=data_root, work_dir=work_dir, device="cpu", config=DEMO_CONFIG,
+    train.train(DEMO_NAME, gpus=workers, data_root=data_root, work_dir=work_dir, device="cpu", config=demo_config,
                 cfg_options=[f"runner.max_epochs={epochs}"])
     console.rule(f"3/4 testing with {workers} CPU workers")
     test.test(DEMO_NAME, gpus=workers, data_root=data_root, checkpoint=work_dir / "latest.pth", device="cpu",
-              config=DEMO_CONFIG, out=out / "test_result.json")
+              config=demo_config, out=out / "test_result.json")
     console.rule("4/4 drawing detections")
     image = sorted((data_root / "val2017").glob("*.png"))[0]
-    infer.infer(DEMO_NAME, [image], checkpoint=work_dir / "latest.pth", config=DEMO_CONFIG, out=out / "drawings",
+    infer.infer(DEMO_NAME, [image], checkpoint=work_dir / "latest.pth", config=demo_config, out=out / "drawings",
                 device="cpu")
     console.print(f"demo finished in {time.monotonic() - started:.0f}s; drawing: {out / 'drawings' / (image.stem + '.png')}")

@@ -150,13 +150,6 @@ def existing_file(path: Path, option: str, dry_run: bool, notes: list[str]) -> P
     return path
 
 
-def zoo_config(name: str) -> Path:
-    """The config file the zoo names for a detection model (the zoo keeps them in the repository's configs/)."""
-    from recnext_cli import zoo
-
-    zoo.get_checkpoint(name)  # a classification-only size has no detection config: say so the zoo's way
-    return Path(__file__).resolve().parents[2] / zoo.get_model(name).config
-
 
 def fetched(checkpoint, dry_run: bool, notes: list[str]) -> Path:
     """The verified cached path of a zoo file, downloaded first if needed; with --dry-run only where it would be."""
@@ -193,7 +186,7 @@ def resolved_files(name: str, config: Path | None, checkpoint: Path | None, dry_
         checkpoint = fetched(record, dry_run, notes)
     else:
         checkpoint = existing_file(checkpoint, "--checkpoint", dry_run, notes)
-    config = existing_file(config, "--config", dry_run, notes) if config else zoo_config(name)
+    config = existing_file(config, "--config", dry_run, notes) if config else zoo.config_path(name)
     return config, checkpoint.resolve()
 
 
@@ -228,7 +221,6 @@ def test(
     Before any worker starts, the checkpoint is downloaded and verified and the dataset layout is checked.
     Put NAME first: --eval and --cfg-options take every word that follows them, as in mmdet's tools.
     """
-    from recnext_cli import launch
     from recnext_cli.errors import UsageError
 
     unknown = [metric for metric in metrics if metric not in COCO_METRICS]

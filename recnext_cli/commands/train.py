@@ -26,7 +26,6 @@ from recnext_cli.commands.test import (
     fetched,
     launch_topology,
     run_or_show,
-    zoo_config,
 )
 
 
@@ -44,7 +43,7 @@ def resolved_files(name: str, config: Path | None, dry_run: bool, notes: list[st
             raise
         notes.append(f"{name!r} is not in the zoo: the backbone starts from what {config.name} itself says")
         return config, None
-    return config or zoo_config(name), fetched(record, dry_run, notes).resolve()
+    return config or zoo.config_path(name), fetched(record, dry_run, notes).resolve()
 
 
 def train(

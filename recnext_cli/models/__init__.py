@@ -2,10 +2,9 @@
 
 from recnext_cli.models.backbone import PRETRAIN_CHECKPOINT_KEY, RESNET_STYLE_KEYS, RecNeXtBackbone
 from recnext_cli.models.checkpoint import read_backbone_state
-from recnext_cli.models.config import CONFIG_DIR, config_file, set_data_root, set_pretrain_checkpoint
+from recnext_cli.models.config import config_file, set_data_root, set_pretrain_checkpoint
 
 __all__ = [
-    "CONFIG_DIR",
     "PRETRAIN_CHECKPOINT_KEY",
     "RESNET_STYLE_KEYS",
     "RecNeXtBackbone",

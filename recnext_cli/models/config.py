@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recnext_cli.errors import EnvironmentProblem, UnknownModelError
+from recnext_cli.errors import UnknownModelError
 from recnext_cli.nn import COCO_VARIANTS, get_variant
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from recnext_cli.zoo import config_path
 DATA_SPLITS = ("train", "val", "test")
 
 
@@ -16,10 +15,7 @@ def config_file(variant: str) -> Path:
     name = get_variant(variant).name
     if name not in COCO_VARIANTS:
         raise UnknownModelError(f"RecNeXt-{name.upper()} has no COCO config; choose one of {', '.join(COCO_VARIANTS)}.")
-    path = CONFIG_DIR / f"mask_rcnn_recnext_{name}_fpn_1x_coco.py"
-    if not path.is_file():
-        raise EnvironmentProblem(f"{path} is missing; recnext's configs/ folder must sit beside recnext_cli/.")
-    return path
+    return config_path(name)
 
 
 def set_data_root(cfg, data_root: str | Path) -> None:
