@@ -18,10 +18,11 @@ def demo(
     = 2,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs of 48 images per worker.")] = 4,
 ) -> None:
-    """Run recnext end to end on CPU in a few minutes: make a synthetic COCO set, train RecNeXt-M0 Mask R-CNN on it
-    with torchrun and gloo workers, evaluate it, print the README-format table and draw the detections on an image.
+    """Train, test and draw on CPU in a few minutes: synthetic COCO set, README-format table, a picture.
 
-    Everything it writes goes under --out; a second run reuses the dataset and trains again from scratch.
+    Makes a seeded synthetic COCO set, trains RecNeXt-M0 Mask R-CNN on it with torchrun and gloo workers, evaluates
+    it, prints the README-format table and draws the detections on a validation image. Everything it writes goes
+    under --out; a second run reuses the dataset and trains again from scratch.
     """
     from rich.console import Console
 
