@@ -168,12 +168,12 @@ def check_structure(path: Path, checkpoint: Checkpoint) -> None:
     """Raise IntegrityError unless `path` loads weights-only in `checkpoint`'s layout with the exact backbone shapes."""
     import torch
 
+    from recnext_cli.compat.checkpoint import load_from_local
     from recnext_cli.nn.recnext import backbone_state_shapes
 
     layout = LAYOUTS[checkpoint.kind]
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_from_local(str(path), map_location="cpu")
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError…: whatever torch refuses is not a checkpoint here
         raise IntegrityError(
             f"{path.name} is not a checkpoint torch loads safely (weights_only=True): {_load_failure(exc)}"
@@ -211,25 +211,6 @@ def _shape_problems(expected: dict[str, tuple], found: dict[str, tuple | None]) 
     if reshaped:
         problems.append(f"{len(reshaped)} backbone tensors with other shapes ({some(reshaped)})")
     return problems
-
-
-def _numpy_globals() -> list:
-    """The numpy objects mmdet 2.x checkpoints carry in `meta` (hook scores, arrays), under numpy 1.x and 2.x names."""
-    import numpy
-
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray
-    # Files pickled by numpy 1.x name numpy.core.multiarray, by numpy 2.x numpy._core.multiarray: allow both spellings.
-    named = [
-        (function, f"{module}.{function.__name__}")
-        for function in (multiarray.scalar, multiarray._reconstruct)
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    ]
-    # Numeric dtypes only: object arrays would unpickle arbitrary Python objects.
-    codes = numpy.typecodes["AllInteger"] + numpy.typecodes["AllFloat"] + "?"
-    return [*named, numpy.ndarray, numpy.dtype, *{type(numpy.dtype(code)) for code in codes}]
 
 
 def _load_failure(exc: Exception) -> str:

@@ -17,18 +17,22 @@ def fix_needed() -> bool:
 
 
 def numpy_safe_globals() -> list:
-    """The numpy callables mmdet/mmcv checkpoint metadata pickles, under both their numpy 1.x and 2.x names."""
-    import numpy as np
+    """The numpy objects mmdet 2.x checkpoints carry in `meta` (hook scores, arrays), under numpy 1.x and 2.x names."""
+    import numpy
 
     try:
         from numpy._core import multiarray
     except ImportError:  # numpy < 2
         from numpy.core import multiarray
-    allowed: list = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
-    allowed += [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGUSO"]
-    return allowed
+    # Files pickled by numpy 1.x name numpy.core.multiarray, by numpy 2.x numpy._core.multiarray: allow both spellings.
+    named = [
+        (function, f"{module}.{function.__name__}")
+        for function in (multiarray.scalar, multiarray._reconstruct)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    ]
+    # Numeric dtypes only: object arrays would unpickle arbitrary Python objects.
+    codes = numpy.typecodes["AllInteger"] + numpy.typecodes["AllFloat"] + "?"
+    return [*named, numpy.ndarray, numpy.dtype, *{type(numpy.dtype(code)) for code in codes}]
 
 
 def load_from_local(filename: str, map_location=None):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from recnext_cli.compat.checkpoint import load_from_local
 from recnext_cli.errors import IntegrityError, UsageError
 
 BACKBONE_PREFIX = "backbone."
@@ -23,10 +24,10 @@ def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UsageError(f"Backbone checkpoint {path} does not exist; download it with `recnext download` first.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_from_local(str(path), map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise IntegrityError(
-            f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) refuses; give the "
+            f"{path} holds Python objects besides tensors and numpy values, which recnext does not unpickle; give the "
             f"backbone an ImageNet checkpoint ({{'model': state_dict}}) or a plain state dict: {str(exc).splitlines()[0]}"
         ) from exc
     if not isinstance(obj, dict):
