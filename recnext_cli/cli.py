@@ -7,7 +7,7 @@ import sys
 import typer
 
 from recnext_cli import __version__
-from recnext_cli.commands import bench, demo, doctor, download, list_, results, setup, test, train, verify
+from recnext_cli.commands import bench, demo, doctor, download, infer, list_, results, setup, test, train, verify
 from recnext_cli.errors import RecnextError
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ app.command("doctor")(doctor.doctor)
 app.command("results")(results.results)
 app.command("test", cls=test.VariadicCommand)(test.test)
 app.command("train", cls=test.VariadicCommand)(train.train)
+app.command("infer")(infer.infer)
 app.add_typer(bench.app, name="bench")
 app.command("demo")(demo.demo)
 

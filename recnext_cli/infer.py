@@ -1,0 +1,274 @@
+"""Detection on image files: load an mmdet detector, run it, return plain detections, and draw them onto the image."""
+
+from __future__ import annotations
+
+import colorsys
+import copy
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from recnext_cli.errors import IntegrityError, UsageError
+
+DEFAULT_SCORE_THR = 0.3
+MASK_OPACITY = 0.45
+# Successive multiples of the golden ratio spread hues evenly for any number of classes (80 for COCO).
+_GOLDEN_RATIO = 0.618033988749895
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Detection:
+    """One detected object, in pixels of the input image."""
+
+    class_id: int  # index into the detector's class names
+    class_name: str
+    score: float
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1
+    mask: np.ndarray | None  # bool (height, width); None for detectors without a mask head
+
+    @property
+    def mask_area(self) -> int | None:
+        return None if self.mask is None else int(self.mask.sum())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageResult:
+    """The detections above the score threshold on one image, highest score first."""
+
+    image_path: Path
+    width: int
+    height: int
+    detections: tuple[Detection, ...]
+
+
+def load_image(path: Path) -> Image.Image:
+    """The image at `path` as RGB, turned upright as its EXIF orientation says (as mmcv's loader does)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except FileNotFoundError:
+        raise UsageError(f"image {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory; pass image files (e.g. {path}/*.jpg)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports truncated and corrupt files as OSError or SyntaxError, unknown formats as UnidentifiedImageError.
+        raise UsageError(f"cannot read {path} as an image ({exc}); pass a readable PNG or JPEG file") from None
+
+
+class Detector:
+    """A detector in eval mode on one device, with its test pipeline and the class names its outputs index."""
+
+    def __init__(self, model, classes: tuple[str, ...], device: str, pipeline) -> None:
+        self.model = model
+        self.classes = classes
+        self.device = device
+        self._pipeline = pipeline
+
+    def detect(self, image: Image.Image, image_path: Path, score_thr: float = DEFAULT_SCORE_THR) -> ImageResult:
+        """Run the detector on `image` (RGB, read from `image_path`); keep detections scoring above `score_thr`."""
+        import torch
+        from mmcv.parallel import collate
+
+        # mmdet's pipelines take BGR arrays, as cv2 reads them.
+        pixels = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+        loaded = {
+            "filename": str(image_path),
+            "ori_filename": Path(image_path).name,
+            "img": pixels,
+            "img_shape": pixels.shape,
+            "ori_shape": pixels.shape,
+            "img_fields": ["img"],
+        }
+        batch = collate([self._pipeline(loaded)], samples_per_gpu=1)
+        # One entry per test-time augmentation, each a batch of one image.
+        imgs = [augmented.data[0].to(self.device) for augmented in batch["img"]]
+        img_metas = [metas.data[0] for metas in batch["img_metas"]]
+        with torch.no_grad():
+            (output,) = self.model(return_loss=False, rescale=True, img=imgs, img_metas=img_metas)
+        detections = self._detections(output, score_thr)
+        return ImageResult(Path(image_path), image.width, image.height, detections)
+
+    def _detections(self, output, score_thr: float) -> tuple[Detection, ...]:
+        """mmdet 2.x results (per-class box arrays, and per-class mask lists for mask heads) as Detection records."""
+        boxes_per_class, masks_per_class = output if isinstance(output, tuple) else (output, None)
+        if isinstance(masks_per_class, tuple):
+            # Mask Scoring R-CNN returns (masks, mask scores).
+            masks_per_class = masks_per_class[0]
+        if len(boxes_per_class) != len(self.classes):
+            raise UsageError(
+                f"the model predicts {len(boxes_per_class)} classes but {len(self.classes)} class names were found "
+                "(checkpoint meta CLASSES, else the config's data.test.classes); pass the config the checkpoint was "
+                "trained with"
+            )
+        detections = []
+        for class_id, boxes in enumerate(boxes_per_class):
+            for index, (x0, y0, x1, y1, score) in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 5)):
+                if score <= score_thr:
+                    continue
+                mask = None if masks_per_class is None else np.asarray(masks_per_class[class_id][index], dtype=bool)
+                box = (float(x0), float(y0), float(x1), float(y1))
+                detections.append(Detection(class_id, self.classes[class_id], float(score), box, mask))
+        detections.sort(key=lambda detection: -detection.score)
+        return tuple(detections)
+
+
+def load_detector(config_path: Path, checkpoint_path: Path, device: str | None = None) -> Detector:
+    """The detector `config_path` describes with the weights of `checkpoint_path`, on `device` (default: a GPU if visible)."""
+    config_path, checkpoint_path = Path(config_path), Path(checkpoint_path)
+    for what, path in (("config", config_path), ("checkpoint", checkpoint_path)):
+        if not path.is_file():
+            raise UsageError(f"{what} file {path} does not exist; check the path")
+    from recnext_cli import compat, launch
+
+    device = launch.resolve_device(device, launch.visible_gpus(), "none")
+    launch.require_runner_stack()
+    compat.apply_all()
+    import recnext_cli.models  # noqa: F401  (registers the RecNeXt backbones with mmdet)
+    from mmcv import Config
+    from mmcv.runner import CheckpointLoader
+    from mmdet.datasets import replace_ImageToTensor
+    from mmdet.datasets.pipelines import Compose
+    from mmdet.models import build_detector
+
+    cfg = Config.fromfile(str(config_path))
+    # Every weight comes from the checkpoint: an ImageNet pretrain named in the config would only be loaded and replaced.
+    cfg.model.pretrained = None
+    if "init_cfg" in cfg.model.backbone:
+        cfg.model.backbone.init_cfg = None
+    cfg.model.train_cfg = None
+    model = build_detector(cfg.model, test_cfg=cfg.get("test_cfg"))
+    checkpoint = CheckpointLoader.load_checkpoint(str(checkpoint_path), map_location="cpu")
+    _load_weights(model, checkpoint, checkpoint_path, config_path)
+    model.cfg = cfg
+    model.to(device).eval()
+    classes = _class_names(checkpoint, cfg)
+    return Detector(model, classes, device, _test_pipeline(cfg, config_path, replace_ImageToTensor, Compose))
+
+
+def _load_weights(model, checkpoint, checkpoint_path: Path, config_path: Path) -> None:
+    """Load the checkpoint's state dict; a missing or misshapen weight means the config does not fit the file."""
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise IntegrityError(f"{checkpoint_path} holds no state dict; pass an mmdet detector checkpoint")
+    # Weights saved from a (Distributed)DataParallel wrapper carry its attribute name.
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    try:
+        missing, _unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise IntegrityError(
+            f"{checkpoint_path} does not fit the model of {config_path}: {str(exc).splitlines()[-1].strip()}; "
+            "pass the config it was trained with (--config)"
+        ) from None
+    if missing:
+        raise IntegrityError(
+            f"{checkpoint_path} lacks {len(missing)} weights the model of {config_path} needs (first: {missing[0]}); "
+            "pass the config it was trained with (--config)"
+        )
+
+
+def _class_names(checkpoint, cfg) -> tuple[str, ...]:
+    """Class names from the checkpoint's meta, else the config's test dataset (its `classes`, else its type's)."""
+    from mmdet.datasets import DATASETS
+
+    names = checkpoint.get("meta", {}).get("CLASSES")
+    if names is None:
+        names = cfg.data.test.get("classes")
+    if names is None:
+        names = DATASETS.get(cfg.data.test.type).CLASSES
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _test_pipeline(cfg, config_path: Path, replace_image_to_tensor, compose):
+    """The config's test pipeline without its first step: `detect` hands it an image already loaded."""
+    steps = copy.deepcopy(cfg.data.test.pipeline)
+    if not steps or not str(steps[0].get("type", "")).startswith("LoadImage"):
+        raise UsageError(f"the test pipeline of {config_path} does not start by loading the image; pass an mmdet config")
+    # Batches of one are padded anyway; mmdet's own inference replaces ImageToTensor the same way.
+    return compose(replace_image_to_tensor(steps[1:]))
+
+
+def run_inference(
+    config_path: Path,
+    checkpoint_path: Path,
+    images: Sequence[Path],
+    score_thr: float = DEFAULT_SCORE_THR,
+    device: str | None = None,
+) -> list[ImageResult]:
+    """Load the detector once and run it on every image, in order; an unreadable image raises UsageError."""
+    detector = load_detector(config_path, checkpoint_path, device)
+    return [detector.detect(load_image(path), path, score_thr) for path in images]
+
+
+def class_colour(class_id: int) -> tuple[int, int, int]:
+    """A saturated colour for a class; nearby class ids get far-apart hues."""
+    red, green, blue = colorsys.hsv_to_rgb((class_id * _GOLDEN_RATIO) % 1.0, 0.85, 0.95)
+    return round(red * 255), round(green * 255), round(blue * 255)
+
+
+def draw(image: Image.Image, detections: Sequence[Detection]) -> Image.Image:
+    """A copy of `image` with translucent masks, then boxes and `class score` labels, each in its class's colour."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    # Lowest score first, so the most confident mask is the one on top where masks overlap.
+    for detection in sorted(detections, key=lambda detection: detection.score):
+        if detection.mask is not None:
+            colour = np.array(class_colour(detection.class_id), dtype=np.float32)
+            pixels[detection.mask] = (1 - MASK_OPACITY) * pixels[detection.mask] + MASK_OPACITY * colour
+    drawing = Image.fromarray(pixels.round().astype(np.uint8))
+    canvas = ImageDraw.Draw(drawing)
+    longest_side = max(drawing.size)
+    line_width = max(1, round(longest_side / 400))
+    font = ImageFont.load_default(size=min(max(10, round(longest_side / 45)), 32))
+    for detection in detections:
+        colour = class_colour(detection.class_id)
+        x0, y0, x1, y1 = detection.box
+        canvas.rectangle((x0, y0, x1, y1), outline=colour, width=line_width)
+        label = f"{detection.class_name} {detection.score:.2f}"
+        left, top, right, bottom = canvas.textbbox((0, 0), label, font=font)
+        text_width, text_height = right - left + 4, bottom - top + 4
+        # Above the box, or inside its top edge when the box touches the image's top.
+        label_y = y0 - text_height if y0 >= text_height else y0
+        canvas.rectangle((x0, label_y, x0 + text_width, label_y + text_height), fill=colour)
+        text_colour = (0, 0, 0) if sum(colour) > 3 * 150 else (255, 255, 255)
+        canvas.text((x0 + 2 - left, label_y + 2 - top), label, fill=text_colour, font=font)
+    return drawing
+
+
+def drawing_names(image_paths: Sequence[Path]) -> list[str]:
+    """One distinct PNG file name per input image: its stem, with -2, -3, ... added where that name is taken."""
+    names: list[str] = []
+    for path in image_paths:
+        stem, number = Path(path).stem, 1
+        name = f"{stem}.png"
+        while name in names:
+            number += 1
+            name = f"{stem}-{number}.png"
+        names.append(name)
+    return names
+
+
+def write_png(image: Image.Image, path: Path) -> None:
+    """Write `image` to `path` through a temporary file beside it, so `path` is never a partly written PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def save_drawing(result: ImageResult, out_dir: Path, file_name: str | None = None) -> Path:
+    """Draw `result` onto its image and write it as `out_dir/file_name` (default: the image's stem + .png)."""
+    path = Path(out_dir) / (file_name or f"{result.image_path.stem}.png")
+    write_png(draw(load_image(result.image_path), result.detections), path)
+    return path

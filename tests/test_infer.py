@@ -1,0 +1,329 @@
+"""`recnext infer`: drawing, file handling and errors, and a tiny Mask R-CNN trained on the synthetic shapes finding them."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from recnext_cli import infer
+from recnext_cli.errors import IntegrityError, UsageError
+from recnext_cli.infer import Detection, ImageResult
+from recnext_cli.synthetic import DEFAULT_CLASSES, make_synthetic_coco
+
+TINY = Path(__file__).parent / "configs" / "mask_rcnn_recnext_tiny.py"
+# Iterations of two images each: on two CPU cores this takes about TRAIN_SECONDS_HINT, and the model then finds nearly
+# every shape of the validation images (200 iterations of four images found 37 of 38 with box IoU > 0.5).
+TRAIN_ITERATIONS = 120
+SEED = 0
+
+
+def recnext(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "recnext_cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def grey_image(width: int = 96, height: int = 64, level: int = 100) -> Image.Image:
+    return Image.fromarray(np.full((height, width, 3), level, dtype=np.uint8))
+
+
+def box_iou(a, b) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+# ---- drawing and files: no model needed ----
+
+
+def test_draw_tints_masks_in_the_class_colour_and_leaves_the_rest_alone():
+    image = grey_image()
+    mask = np.zeros((64, 96), dtype=bool)
+    mask[30:50, 40:80] = True
+    detections = [Detection(2, "triangle", 0.9, (38.0, 28.0, 82.0, 52.0), mask)]
+    drawing = np.asarray(infer.draw(image, detections), dtype=np.int32)
+    original = np.asarray(image, dtype=np.int32)
+
+    assert drawing.shape == original.shape
+    assert (np.asarray(image) == 100).all()  # the input is not drawn on
+    colour = np.array(infer.class_colour(2))
+    expected = (1 - infer.MASK_OPACITY) * 100 + infer.MASK_OPACITY * colour
+    # Inside the mask, away from the box outline: exactly the blend of image and class colour.
+    assert np.abs(drawing[35:48, 42:78] - expected).max() <= 1
+    # The box outline is in the class colour (its bottom edge, below the label).
+    assert (drawing[52, 50] == colour).all()
+    # Left of the box, right of it below its label, and below it, nothing changes.
+    assert (drawing[:, :36] == original[:, :36]).all()
+    assert (drawing[29:, 84:] == original[29:, 84:]).all()
+    assert (drawing[54:] == original[54:]).all()
+
+
+def test_each_class_gets_its_own_colour_and_box_only_detections_draw_no_mask():
+    assert len({infer.class_colour(class_id) for class_id in range(80)}) == 80
+    image = grey_image(128, 128)
+    detections = [
+        Detection(0, "rectangle", 0.8, (10.0, 60.0, 40.0, 90.0), None),
+        Detection(1, "ellipse", 0.7, (70.0, 60.0, 100.0, 90.0), None),
+    ]
+    drawing = np.asarray(infer.draw(image, detections))
+    assert tuple(drawing[90, 20]) == infer.class_colour(0)
+    assert tuple(drawing[90, 80]) == infer.class_colour(1)
+    assert infer.class_colour(0) != infer.class_colour(1)
+    assert (drawing[70:85, 15:35] == 100).all()  # no mask: the inside of the box stays as it was
+
+
+def test_drawing_names_are_distinct_even_when_inputs_share_a_stem():
+    names = infer.drawing_names([Path("a/cat.jpg"), Path("b/cat.png"), Path("cat-2.jpg"), Path("dog.jpeg")])
+    assert names == ["cat.png", "cat-2.png", "cat-2-2.png", "dog.png"]
+
+
+def test_write_png_leaves_no_partial_file_when_saving_fails(tmp_path, monkeypatch):
+    def fail_halfway(self, stream, *args, **kwargs):
+        stream.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", fail_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        infer.write_png(grey_image(), tmp_path / "out" / "x.png")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_write_png_replaces_the_target_in_one_step(tmp_path):
+    target = tmp_path / "x.png"
+    target.write_bytes(b"old")
+    infer.write_png(grey_image(), target)
+    assert Image.open(target).size == (96, 64)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_unreadable_images_raise_usage_errors_naming_the_file(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"these bytes are no image")
+    truncated = tmp_path / "truncated.png"
+    grey_image().save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    for path in (tmp_path / "missing.png", broken, truncated, tmp_path):
+        with pytest.raises(UsageError) as caught:
+            infer.load_image(path)
+        assert str(path) in str(caught.value)
+
+
+def test_load_image_gives_rgb_for_grey_and_rgba_files(tmp_path):
+    Image.new("L", (20, 10), 7).save(tmp_path / "grey.png")
+    Image.new("RGBA", (20, 10), (1, 2, 3, 0)).save(tmp_path / "rgba.png")
+    assert infer.load_image(tmp_path / "grey.png").getpixel((0, 0)) == (7, 7, 7)
+    assert infer.load_image(tmp_path / "rgba.png").getpixel((0, 0)) == (1, 2, 3)
+
+
+# ---- the command without a model ----
+
+
+def test_infer_help_loads_no_heavy_framework():
+    code = textwrap.dedent(
+        """
+        import sys
+        from typer.testing import CliRunner
+        from recnext_cli.cli import app
+        result = CliRunner().invoke(app, ["infer", "--help"])
+        assert result.exit_code == 0 and "--score-thr" in result.output, result.output
+        print(','.join(m for m in ("torch", "mmcv", "mmdet") if m in sys.modules))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+def test_unknown_model_name_is_the_zoo_error_and_exit_2(tmp_path):
+    grey_image().save(tmp_path / "x.png")
+    result = recnext("infer", "m33", str(tmp_path / "x.png"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: unknown model 'm33'; did you mean m3?")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_must_not_be_a_file(tmp_path):
+    grey_image().save(tmp_path / "x.png")
+    (tmp_path / "taken").write_text("")
+    result = recnext("infer", "m3", str(tmp_path / "x.png"), "--out", str(tmp_path / "taken"))
+    assert result.returncode == 2
+    assert "--out" in result.stderr and "is a file" in result.stderr
+
+
+# ---- a trained model ----
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    return make_synthetic_coco(tmp_path_factory.mktemp("shapes"), train_images=64, val_images=16, seed=SEED)
+
+
+@pytest.fixture(scope="session")
+def trained(shapes, tmp_path_factory) -> Path:
+    """A checkpoint of the tiny Mask R-CNN (RecNeXt-M0, 128x128) after TRAIN_ITERATIONS on the synthetic train split."""
+    pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
+    import torch
+
+    from recnext_cli import compat
+
+    compat.apply_all()
+    from mmcv import Config
+    from mmcv.parallel import scatter
+    from mmcv.runner import build_optimizer, save_checkpoint
+    from mmdet.datasets import build_dataloader, build_dataset
+    from mmdet.models import build_detector
+
+    import recnext_cli.models  # registers the RecNeXt backbones with mmdet
+
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    cfg = Config.fromfile(str(TINY))
+    recnext_cli.models.set_data_root(cfg, shapes.root)
+    dataset = build_dataset(cfg.data.train)
+    loader = build_dataloader(dataset, cfg.data.samples_per_gpu, 0, num_gpus=1, dist=False, seed=SEED)
+    model = build_detector(cfg.model)
+    model.init_weights()
+    model.train()
+    optimizer = build_optimizer(model, cfg.optimizer)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    warmup = cfg.lr_config.warmup_iters
+    started, iteration = time.monotonic(), 0
+    # oneDNN builds a new convolution kernel for each input shape it meets, and the mask head sees another number of
+    # RoIs at every step: with it, iterations on CPU take 10x longer. torch's own kernels have no such start-up cost.
+    with torch.backends.mkldnn.flags(enabled=False):
+        while iteration < TRAIN_ITERATIONS:
+            for batch in loader:
+                if iteration == TRAIN_ITERATIONS:
+                    break
+                # mmcv's linear warm-up, as the config's lr_config asks.
+                scale = 1 - (1 - iteration / warmup) * (1 - cfg.lr_config.warmup_ratio) if iteration < warmup else 1.0
+                for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base_lr * scale
+                outputs = model.train_step(scatter(batch, [-1])[0], optimizer)
+                optimizer.zero_grad()
+                outputs["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer_config.grad_clip.max_norm)
+                optimizer.step()
+                iteration += 1
+    print(f"trained {TRAIN_ITERATIONS} iterations in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    checkpoint = tmp_path_factory.mktemp("trained") / "tiny.pth"
+    save_checkpoint(model, str(checkpoint), meta={"CLASSES": dataset.CLASSES})
+    return checkpoint
+
+
+def ground_truth(shapes, image_path: Path) -> list[tuple[int, tuple[float, float, float, float], np.ndarray]]:
+    """(class index, box x0 y0 x1 y1, mask) of every object in one validation image."""
+    coco = json.loads(shapes.ann_file("val2017").read_text())
+    (image,) = [entry for entry in coco["images"] if entry["file_name"] == image_path.name]
+    objects = []
+    for annotation in coco["annotations"]:
+        if annotation["image_id"] == image["id"]:
+            x, y, w, h = annotation["bbox"]
+            rles = mask_utils.frPyObjects(annotation["segmentation"], image["height"], image["width"])
+            mask = mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+            objects.append((annotation["category_id"] - 1, (x, y, x + w, y + h), mask))
+    return objects
+
+
+@pytest.mark.slow
+def test_drawn_detections_match_ground_truth_shapes(trained, shapes, tmp_path):
+    images = sorted(shapes.image_dir("val2017").glob("*.png"))[:6]
+    results = infer.run_inference(TINY, trained, images, score_thr=0.3, device="cpu")
+    assert [result.image_path for result in results] == images
+    matches = []
+    for result in results:
+        assert (result.width, result.height) == (128, 128)
+        assert [d.score for d in result.detections] == sorted((d.score for d in result.detections), reverse=True)
+        assert all(d.score > 0.3 and d.class_name == DEFAULT_CLASSES[d.class_id] for d in result.detections)
+        for detection in result.detections:
+            for class_id, box, mask in ground_truth(shapes, result.image_path):
+                mask_iou = (detection.mask & mask).sum() / (detection.mask | mask).sum()
+                if class_id == detection.class_id and box_iou(detection.box, box) > 0.5 and mask_iou > 0.5:
+                    matches.append((result, detection))
+    assert matches, "no detection overlaps a ground-truth shape of its class with IoU > 0.5"
+
+    result, detection = matches[0]
+    drawing_path = infer.save_drawing(result, tmp_path / "drawn")
+    assert drawing_path == tmp_path / "drawn" / result.image_path.name
+    drawing = np.asarray(Image.open(drawing_path).convert("RGB"), dtype=np.int32)
+    original = np.asarray(Image.open(result.image_path).convert("RGB"), dtype=np.int32)
+    assert drawing.shape == original.shape
+    # The matched shape is tinted towards its class colour: closer to it than the untouched pixels were.
+    colour = np.array(infer.class_colour(detection.class_id))
+    inside = detection.mask
+    assert np.abs(drawing[inside] - colour).mean() < np.abs(original[inside] - colour).mean()
+
+
+@pytest.mark.slow
+def test_cli_reports_unreadable_images_and_still_draws_the_others(trained, shapes, tmp_path):
+    first, second = sorted(shapes.image_dir("val2017").glob("*.png"))[:2]
+    jpeg = tmp_path / "second.jpg"
+    Image.open(second).convert("RGB").save(jpeg, quality=95)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    missing = tmp_path / "missing.png"
+    out = tmp_path / "out"
+    result = recnext("infer", "tiny", str(first), str(missing), str(broken), str(jpeg), "--config", str(TINY),
+                     "--checkpoint", str(trained), "--out", str(out), "--device", "cpu", "--json")
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, result.stderr[-3000:]
+    assert str(missing) in errors[0] and str(broken) in errors[1]
+    records = json.loads(result.stdout)
+    assert [record["image"] for record in records] == [str(first), str(jpeg)]
+    assert sorted(path.name for path in out.iterdir()) == sorted([first.name, "second.png"])
+    for record, source in zip(records, (first, jpeg)):
+        assert record["drawing"] == str(out / Path(record["drawing"]).name)
+        assert record["detections"], record
+        assert all(set(d) == {"class", "class_id", "score", "box", "mask_area"} for d in record["detections"])
+        drawing, original = Image.open(record["drawing"]), Image.open(source).convert("RGB")
+        assert drawing.size == original.size == (record["width"], record["height"])
+        assert np.any(np.asarray(drawing.convert("RGB")) != np.asarray(original))
+
+
+@pytest.mark.slow
+def test_cli_table_lists_each_detection(trained, shapes, tmp_path):
+    from typer.testing import CliRunner
+
+    from recnext_cli.cli import app
+
+    image = sorted(shapes.image_dir("val2017").glob("*.png"))[0]
+    result = CliRunner().invoke(app, ["infer", "tiny", str(image), "--config", str(TINY), "--checkpoint",
+                                      str(trained), "--out", str(tmp_path), "--device", "cpu"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "detections" in result.output and image.name in result.output
+    assert any(name in result.output for name in DEFAULT_CLASSES)
+    assert f"drawn: {tmp_path / image.name}" in result.output
+
+
+@pytest.mark.slow
+def test_class_names_come_from_checkpoint_meta_else_the_config(trained, tmp_path):
+    import torch
+
+    checkpoint = torch.load(trained, map_location="cpu", weights_only=False)
+    renamed = tmp_path / "renamed.pth"
+    torch.save({**checkpoint, "meta": {"CLASSES": ("box", "blob", "wedge")}}, renamed)
+    bare = tmp_path / "bare.pth"
+    torch.save({"state_dict": checkpoint["state_dict"]}, bare)
+    assert infer.load_detector(TINY, renamed, "cpu").classes == ("box", "blob", "wedge")
+    assert infer.load_detector(TINY, bare, "cpu").classes == DEFAULT_CLASSES
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_fit_the_config_is_refused(trained, tmp_path):
+    zoo_config = Path(__file__).parents[1] / "configs" / "mask_rcnn_recnext_m3_fpn_1x_coco.py"
+    with pytest.raises(IntegrityError, match="does not fit the model"):
+        infer.load_detector(zoo_config, trained, "cpu")
