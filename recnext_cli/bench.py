@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from recnext_cli import zoo
-from recnext_cli.errors import UsageError
+from recnext_cli.errors import EnvironmentProblem, UsageError
 
 PARTS = ("backbone", "detector")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -141,7 +141,9 @@ def parse_input_size(text: str) -> tuple[int, int]:
     else:
         raise UsageError(f"--input {text!r} is not HEIGHTxWIDTH; write it like 512x512")
     if min(size) < MIN_SIDE:
-        raise UsageError(f"--input {text} is too small: RecNeXt halves the image 5 times, so each side needs >= {MIN_SIDE}")
+        raise UsageError(
+            f"--input {text} is too small: RecNeXt halves the image 5 times, so each side needs >= {MIN_SIDE}"
+        )
     return size
 
 
@@ -213,6 +215,9 @@ def bench_latency(name: str, config: BenchConfig) -> BenchResult:
         run, params, flops = build(entry.name, images, config, device, dtype)
         synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         with torch.inference_mode():
+            if config.compile:
+                # The first call compiles (minutes); it must not land among the timed calls even with --warmup 0.
+                run()
             durations = time_calls(run, warmup=config.warmup, iters=config.iters, synchronize=synchronize)
     finally:
         torch.set_num_threads(threads_before)
@@ -242,7 +247,12 @@ def _backbone_runner(name, images, config: BenchConfig, device, dtype):
     with torch.inference_mode():
         flops = count_flops(lambda: model(images))
     model = prepare_for_inference(
-        model, fused=config.fused, channels_last=config.channels_last, compile=config.compile, dtype=dtype, device=device
+        model,
+        fused=config.fused,
+        channels_last=config.channels_last,
+        compile=config.compile,
+        dtype=dtype,
+        device=device,
     )
     inputs = prepare_input(images, channels_last=config.channels_last, dtype=dtype, device=device)
     return (lambda: model(inputs)), params, flops
@@ -259,7 +269,7 @@ def _detector_runner(name, images, config: BenchConfig, device, dtype):
 
     from recnext_cli.fastpath import NchwFeatures, prepare_for_inference, prepare_input
 
-    detector = _build_detector(name)
+    detector = build_random_detector(name)
     params = count_parameters(detector)
     height, width = config.input_size
     meta = {
@@ -296,34 +306,34 @@ def _detector_runner(name, images, config: BenchConfig, device, dtype):
     return (lambda: forward(inputs)), params, flops
 
 
-def _build_detector(name: str):
+def build_random_detector(name: str):
+    """Model `name`'s Mask R-CNN from its published config, in eval mode, with seeded random weights."""
     import torch
-
-    from recnext_cli.errors import EnvironmentProblem
 
     try:
         from recnext_cli import compat
 
         compat.apply_all()
-        import recnext_cli.models  # noqa: F401  (registers the RecNeXt backbones with mmdet)
         from mmcv import Config
         from mmdet.models import build_detector
+
+        # Importing recnext_cli.models also registers the RecNeXt backbones with mmdet.
+        from recnext_cli.models import config_file
     except ImportError as exc:
         raise EnvironmentProblem(
             f"--part detector needs mmcv-full and mmdet ({exc}); run `recnext setup`, or time --part backbone"
         ) from None
-    from recnext_cli.models import config_file
 
     cfg = Config.fromfile(str(config_file(name)))
-    # Random weights, so that no checkpoint is needed. How many boxes reach the mask head depends on them, so they
-    # are seeded: the same model gets the same weights, and the same head load, in every run.
+    # Random weights (torch's default initialisation; mmcv's init_weights would log every tensor), so that no
+    # checkpoint is needed. How many boxes reach the mask head depends on them, so they are seeded: the same model
+    # gets the same weights, and the same head load, in every run.
     cfg.model.backbone.init_cfg = None
     cfg.model.pretrained = None
     cfg.model.train_cfg = None
     with torch.random.fork_rng():
         torch.manual_seed(0)
         detector = build_detector(cfg.model, test_cfg=cfg.get("test_cfg"))
-        detector.init_weights()
     return detector.eval()
 
 
@@ -357,7 +367,8 @@ def markdown_table(results: Sequence[BenchResult]) -> str:
 def describe(config: BenchConfig) -> str:
     """One line saying what was timed, for captions and plot titles."""
     height, width = config.input_size
-    flags = [flag for flag, on in (("fused", config.fused), ("channels-last", config.channels_last), ("compiled", config.compile)) if on]
+    switches = (("fused", config.fused), ("channels-last", config.channels_last), ("compiled", config.compile))
+    flags = [flag for flag, on in switches if on]
     threads = f", {config.threads} thread(s)" if config.threads else ""
     return (
         f"{config.part} on {config.device}{threads}, batch {config.batch} at {height}x{width}, {config.dtype}"
@@ -396,7 +407,8 @@ def plot_ap_vs_latency(results: Sequence[BenchResult], path: Path) -> Path:
                     label=f"RecNeXt-{series}",
                 )
         for result in points:
-            axes.annotate(result.title, (result.latency.median_ms, result.reported_box_ap), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            point = (result.latency.median_ms, result.reported_box_ap)
+            axes.annotate(result.title, point, textcoords="offset points", xytext=(4, 4), fontsize=8)
         axes.set_xlabel("measured median latency (ms)")
         axes.set_ylabel("reported box AP (COCO val2017)")
         axes.set_title(describe(points[0].config), fontsize=7, wrap=True)

@@ -42,9 +42,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return dtype
     if not _onednn_runs(dtype):
         # Without oneDNN support the convolutions fall back to scalar reference kernels, and their timings mean nothing.
+        alternative = " or bf16" if dtype is torch.float16 and _onednn_runs(torch.bfloat16) else ""
         raise UsageError(
-            f"--dtype {name} on this CPU has no fast convolution kernels (oneDNN needs AVX512-FP16/AVX-NE-CONVERT for fp16, "
-            "AVX512 for bf16); use --dtype fp32" + (" or bf16" if dtype is torch.float16 and _onednn_runs(torch.bfloat16) else "")
+            f"--dtype {name} on this CPU has no fast convolution kernels (oneDNN needs AVX512-FP16 or AVX-NE-CONVERT "
+            f"for fp16, AVX512 for bf16); use --dtype fp32{alternative}"
         )
     return dtype
 
@@ -69,8 +70,8 @@ class OneDnnPointwiseConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
         self.groups = conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +134,8 @@ def _replace(module: nn.Module, rewrite) -> nn.Module:
 
 
 def _pointwise_on_onednn(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0):
+    pointwise = isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+    if pointwise and module.stride == (1, 1) and module.padding == (0, 0):
         return OneDnnPointwiseConv(module)
     return module
 
@@ -189,11 +191,10 @@ def prepare_for_inference(
 
 
 class FrozenCompiled(nn.Module):
-    """A torch.compile'd CPU model that compiles with inductor's freezing: weights become constants, so inductor
-    prepacks them for oneDNN and fuses GELU into the convolutions.
+    """A torch.compile'd CPU model whose compilations freeze its weights (for oneDNN prepacking and GELU fusion).
 
-    torch 2.14 ignores `freezing` passed through torch.compile's `options`; it must be set in inductor's config
-    while the first call compiles, and is set here on every call so that recompilations see it too.
+    torch 2.14 ignores `freezing` passed through torch.compile's `options`: it must be set in inductor's config
+    while a call compiles, so it is set around every call, which recompilations then see too.
     """
 
     def __init__(self, compiled: nn.Module) -> None:
@@ -208,7 +209,11 @@ class FrozenCompiled(nn.Module):
 
 
 def prepare_input(
-    x: torch.Tensor, *, channels_last: bool = False, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    x: torch.Tensor,
+    *,
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """`x` on `device` in `dtype`, in the memory format a model prepared with the same settings runs fastest on."""
     x = x.to(device=device, dtype=dtype)
@@ -216,7 +221,11 @@ def prepare_input(
 
 
 class NchwFeatures(nn.Module):
-    """A prepared backbone whose feature maps leave in NCHW memory order, the layout mmcv's RoI ops index."""
+    """A prepared backbone whose feature maps leave in NCHW memory order.
+
+    mmcv 1.7's CPU RoIAlign indexes its input's data pointer as contiguous NCHW without checking, so channels-last
+    features reaching it through FPN would be read wrongly.
+    """
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

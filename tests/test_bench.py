@@ -192,7 +192,9 @@ def test_flops_count_the_attention_matmuls():
         assert count_flops(lambda: attention(torch.randn(1, channels, side, side))) == 2 * macs
 
 
-@pytest.mark.parametrize(("text", "size"), [("512x512", (512, 512)), ("640X480", (640, 480)), ("96", (96, 96)), (" 64 x 128 ", (64, 128))])
+@pytest.mark.parametrize(
+    ("text", "size"), [("512x512", (512, 512)), ("640X480", (640, 480)), ("96", (96, 96)), (" 64 x 128 ", (64, 128))]
+)
 def test_parse_input_size(text, size):
     assert parse_input_size(text) == size
 
@@ -268,7 +270,8 @@ def test_half_precision_on_cpu_is_refused_only_without_kernels():
 
 def test_cli_writes_a_plot(tmp_path):
     plot = tmp_path / "plots" / "ap_vs_latency.png"
-    result = _invoke("m3", "a3", "--input", "64x64", "--iters", "1", "--warmup", "0", "--threads", "1", "--plot", str(plot))
+    tiny = ["--input", "64x64", "--iters", "1", "--warmup", "0", "--threads", "1"]
+    result = _invoke("m3", "a3", *tiny, "--plot", str(plot))
     assert result.exit_code == 0, result.output
     data = plot.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
@@ -295,7 +298,8 @@ def test_command_module_does_not_import_torch():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mmdet") is None, reason="mmdet is not installed")
 def test_cli_times_the_whole_detector():
-    result = _invoke("a3", "--part", "detector", "--input", "128x128", "--iters", "1", "--warmup", "1", "--threads", "1", "--channels-last", "--json")
+    tiny = ["--input", "128x128", "--iters", "1", "--warmup", "1", "--threads", "1"]
+    result = _invoke("a3", "--part", "detector", *tiny, "--channels-last", "--json")
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     # Mask R-CNN around the backbone: FPN and heads add far more parameters than the 8.6 M of the A3 backbone.
@@ -311,3 +315,27 @@ def test_detector_half_precision_needs_cuda_fp16():
     result = _invoke("m3", "--part", "detector", "--device", "cpu", "--dtype", "bf16", "--input", "128x128")
     assert isinstance(result.exception, UsageError)
     assert "fp16" in str(result.exception)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("mmdet") is None, reason="mmdet is not installed")
+def test_fast_backbone_inside_the_detector_feeds_fpn_equal_nchw_features():
+    from recnext_cli.bench import build_random_detector
+    from recnext_cli.fastpath import NchwFeatures
+
+    detector = build_random_detector("a3")
+    with torch.no_grad():
+        for module in detector.backbone.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    reference = copy.deepcopy(detector)
+    detector.backbone = NchwFeatures(prepare_for_inference(detector.backbone, fused=True, channels_last=True))
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = reference.extract_feat(images)
+        features = detector.extract_feat(prepare_input(images, channels_last=True))
+    assert len(features) == 5
+    # mmcv's CPU RoIAlign reads these as contiguous NCHW.
+    assert all(feature.is_contiguous() for feature in features)
+    assert _relative_error(features, expected) <= TOLERANCE

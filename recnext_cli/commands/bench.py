@@ -37,39 +37,64 @@ def latency(
     names: Optional[list[str]] = typer.Argument(
         None, metavar="[NAME...|all]", help="Zoo models (m3, a5, ...); none or 'all' means the six detection models."
     ),
-    part: Part = typer.Option(Part.backbone, "--part", help="Time the backbone alone, or the whole Mask R-CNN (needs mmdet)."),
-    device: Optional[Device] = typer.Option(None, "--device", help="Where to run; default: cuda when torch sees a GPU, else cpu."),
-    input_size: str = typer.Option("512x512", "--input", metavar="HxW", help="Input height x width, fed as is (no resize)."),
+    part: Part = typer.Option(
+        Part.backbone, "--part", help="Time the backbone alone, or the whole Mask R-CNN (needs mmdet)."
+    ),
+    device: Optional[Device] = typer.Option(
+        None, "--device", help="Where to run; default: cuda when torch sees a GPU, else cpu.", show_default=False
+    ),
+    input_size: str = typer.Option(
+        "512x512", "--input", metavar="HxW", help="Input height x width, fed as is (no resize)."
+    ),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per call."),
     fused: bool = typer.Option(
-        True, "--fused/--no-fused", help="Fold BatchNorms (and on CPU run 1x1 convs on oneDNN); --no-fused times the model as published."
+        True,
+        "--fused/--no-fused",
+        help="Fold BatchNorms (and on CPU run 1x1 convs on oneDNN); --no-fused times the model as published.",
     ),
-    dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="Precision of the timed model; fp16 on CPU needs AVX512-FP16."),
+    dtype: Dtype = typer.Option(
+        Dtype.fp32, "--dtype", help="Precision of the timed model; fp16 on CPU needs AVX512-FP16."
+    ),
     compile_model: bool = typer.Option(
         False, "--compile", help="torch.compile (CUDA graphs on cuda, weight freezing on cpu); compiling takes minutes."
     ),
-    channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format, and token-major attention in the A series."),
+    channels_last: bool = typer.Option(
+        False, "--channels-last", help="NHWC memory format, and token-major attention in the A series."
+    ),
     warmup: int = typer.Option(10, "--warmup", min=0, metavar="N", help="Untimed calls first."),
     iters: int = typer.Option(50, "--iters", min=1, metavar="N", help="Timed calls."),
     threads: Optional[int] = typer.Option(
-        None, "--threads", min=1, metavar="N", help="torch CPU threads; on a shared machine 1 gives the steadiest numbers."
+        None,
+        "--threads",
+        min=1,
+        metavar="N",
+        help="torch CPU threads; on a shared machine 1 gives the steadiest numbers.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of the Markdown table."),
-    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Also draw reported box AP against measured latency."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", metavar="FILE.png", help="Also draw reported box AP against measured latency."
+    ),
 ) -> None:
     """Median, p10 and p90 latency, throughput, parameters and GFLOPs, beside the README's latency and box AP.
 
-    Models get random weights: a backbone's latency does not depend on their values, but a detector's mask head only
-    sees the boxes that survive score thresholds, so --part detector times the heads at an untrained model's load.
-    Latency is wall-clock per call, with
-    torch.cuda.synchronize() around each call on a GPU. GFLOPs are counted with torch.utils.flop_counter.FlopCounterMode
-    on the model as published: 2 x the multiply-adds of convolutions and matrix products, attention included (papers
-    that say "FLOPs" for multiply-adds, as RecNeXt's does, report half this). Parameters are those of the published,
-    unfused model. The README's latency was measured on an iPhone, so it is context, not a target for this machine.
+    Latency is wall-clock per call, with torch.cuda.synchronize() before and after each call on a GPU.
+
+    GFLOPs: torch.utils.flop_counter.FlopCounterMode on the model as published, 2 x multiply-adds of convs and matmuls.
+
+    Tables that call multiply-adds FLOPs (GMACs in JSON) show half. Parameters: the published, unfused model.
+
+    The README's latency was measured on an iPhone. Weights are random and seeded; detector heads see untrained boxes.
     """
     from rich.console import Console
 
-    from recnext_cli.bench import BenchConfig, bench_latency, markdown_table, parse_input_size, plot_ap_vs_latency, resolve_models
+    from recnext_cli.bench import (
+        BenchConfig,
+        bench_latency,
+        markdown_table,
+        parse_input_size,
+        plot_ap_vs_latency,
+        resolve_models,
+    )
 
     models = resolve_models(names or [])
     config = BenchConfig(
