@@ -18,27 +18,12 @@ import sys
 import torch
 from torch import nn
 
-from recnext_cli.bench import latency_stats, parse_input_size, time_calls
+from recnext_cli.bench import latency_stats, parse_input_size, random_backbone, time_calls
 from recnext_cli.fastpath import prepare_for_inference, prepare_input
-from recnext_cli.nn import build_recnext
 
 GOAL_SPEEDUP = 1.5
 TOLERANCE = 1e-4
 FAST_PATH = "fused + channels-last"
-
-
-def published_model(name: str) -> nn.Module:
-    """Random weights, and BatchNorm statistics that are not the identity, so that folding them is really tested."""
-    torch.manual_seed(0)
-    model = build_recnext(name)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def variants(model: nn.Module, images: torch.Tensor, with_compile: bool) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -59,7 +44,7 @@ def relative_error(outputs, references) -> float:
 
 def bench_model(name: str, size: tuple[int, int], rounds: int, warmup: int, with_compile: bool) -> bool:
     images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
-    runs = variants(published_model(name), images, with_compile)
+    runs = variants(random_backbone(name), images, with_compile)
     (baseline_label, (baseline, baseline_input)), *_ = runs.items()
     equal = True
     with torch.inference_mode():

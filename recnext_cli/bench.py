@@ -154,6 +154,30 @@ def resolve_models(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(zoo.get_model(name).name for name in names))
 
 
+def random_backbone(name: str, seed: int = 0):
+    """Backbone `name` in eval mode with seeded random weights and BatchNorm statistics away from the identity.
+
+    A freshly built BatchNorm is the identity map in eval mode; a trained one is not, and folding it then changes
+    every weight. Equality checks of the fast path need the second kind.
+    """
+    import torch
+    from torch import nn
+
+    from recnext_cli.nn import build_recnext
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_recnext(name)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.running_mean.uniform_(-0.2, 0.2)
+                    module.running_var.uniform_(0.5, 1.5)
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
 def count_parameters(model) -> int:
     """The number of parameter elements (BatchNorm running statistics are buffers, not parameters)."""
     return sum(parameter.numel() for parameter in model.parameters())

@@ -24,6 +24,7 @@ from recnext_cli.bench import (
     parse_input_size,
     percentile,
     plot_ap_vs_latency,
+    random_backbone,
     time_calls,
 )
 from recnext_cli.cli import app
@@ -40,20 +41,6 @@ from recnext_cli.nn import LinearAttention, build_recnext
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TOLERANCE = 1e-4
-
-
-def _published_model(name: str) -> nn.Module:
-    """A seeded model whose BatchNorms hold non-trivial statistics, so folding them changes every weight."""
-    torch.manual_seed(0)
-    model = build_recnext(name)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def _relative_error(outputs, references) -> float:
@@ -80,7 +67,7 @@ FAST_PATH_SETTINGS = {
 @pytest.mark.parametrize("size", [64, 80])
 @pytest.mark.parametrize("name", ["m3", "a3"])
 def test_fast_path_outputs_equal_the_published_model(name, size):
-    reference = _published_model(name)
+    reference = random_backbone(name)
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference(images)
@@ -92,9 +79,14 @@ def test_fast_path_outputs_equal_the_published_model(name, size):
         assert _relative_error(outputs, expected) <= TOLERANCE, label
 
 
+def test_random_backbone_has_batchnorms_that_are_not_the_identity():
+    norms = [m for m in random_backbone("m3").modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all((m.running_var != 1).all() and (m.running_mean != 0).all() for m in norms)
+
+
 def test_fast_path_rewrites_the_model():
     # Equal outputs prove nothing if nothing was rewritten: check the rewrites happened.
-    fast = prepare_for_inference(_published_model("a3"), fused=True, channels_last=True, device="cpu")
+    fast = prepare_for_inference(random_backbone("a3"), fused=True, channels_last=True, device="cpu")
     kinds = {type(module) for module in fast.modules()}
     assert nn.BatchNorm2d not in kinds
     assert {ChannelsLastLinearAttention, ChannelsLastRecAttn} <= kinds
@@ -107,7 +99,7 @@ def test_fast_path_rewrites_the_model():
 
 
 def test_unfused_fast_path_without_channels_last_is_the_published_model():
-    reference = _published_model("m3")
+    reference = random_backbone("m3")
     plain = prepare_for_inference(copy.deepcopy(reference), fused=False, device="cpu")
     assert [type(m) for m in plain.modules()] == [type(m) for m in reference.modules()]
 
@@ -115,7 +107,7 @@ def test_unfused_fast_path_without_channels_last_is_the_published_model():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["m3", "a3"])
 def test_compiled_fast_path_outputs_equal_the_published_model(name):
-    reference = _published_model(name)
+    reference = random_backbone(name)
     images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     fast = prepare_for_inference(copy.deepcopy(reference), fused=True, channels_last=True, compile=True, device="cpu")
     with torch.inference_mode():
