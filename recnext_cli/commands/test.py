@@ -215,19 +215,38 @@ def test(
     )] = None,
     dry_run: DryRun = False,
     config: Config = None,
+    fuse_conv_bn: Annotated[bool, typer.Option(
+        "--fuse-conv-bn", help="Fold every BatchNorm into a neighbouring conv before testing, as mmdet's tools/test.py "
+        "does, for speed: a RecNeXt backbone through its own fuse (which folds more than mmcv's fuse_conv_bn), the "
+        "rest with mmcv's. Metrics stay equal up to float rounding.",
+    )] = False,
+    fp16: Annotated[bool, typer.Option(
+        "--fp16", help="Run the model in half precision the mmdet way (mmcv's wrap_fp16_model: autocast in the "
+        "network, fp32 box decoding and NMS). CUDA only; metrics may move in the last digit.",
+    )] = False,
+    evaluator: Annotated[str, typer.Option(
+        "--evaluator", help="COCO metric implementation: pycocotools (mmdet's own) or faster (faster-coco-eval: "
+        "the same numbers, computed several times faster).",
+    )] = "pycocotools",
 ) -> None:
     """Evaluate NAME on COCO val2017 with --gpus workers (torchrun, Slurm or one process) and print its README row.
 
     Before any worker starts, the checkpoint is downloaded and verified and the dataset layout is checked.
     Put NAME first: --eval and --cfg-options take every word that follows them, as in mmdet's tools.
     """
+    from recnext_cli.compat.evaluator import EVALUATORS
     from recnext_cli.errors import UsageError
 
     unknown = [metric for metric in metrics if metric not in COCO_METRICS]
     if unknown:
         raise UsageError(f"--eval {' '.join(unknown)}: COCO metrics are {', '.join(COCO_METRICS)}")
+    if evaluator not in EVALUATORS:
+        raise UsageError(f"--evaluator {evaluator}: use one of {', '.join(EVALUATORS)}")
     notes: list[str] = []
     topology = launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
+    if fp16 and topology.device != "cuda":
+        raise UsageError("--fp16 runs on CUDA only (mmcv's fp16 mode autocasts through torch.cuda.amp); "
+                         "drop --fp16 to test on the CPU")
     data_root = checked_dataset(data_root, "test", dry_run, notes)
     config_path, checkpoint_path = resolved_files(name, config, checkpoint, dry_run, notes)
     out = (out or Path("work_dirs") / name / "test_result.json").resolve()
@@ -235,6 +254,9 @@ def test(
         str(config_path), "--checkpoint", str(checkpoint_path), "--data-root", str(data_root),
         "--device", topology.device, "--model-name", name, "--out", str(out), "--eval", *metrics,
     ]
+    runner_args += [flag for flag, on in (("--fuse-conv-bn", fuse_conv_bn), ("--fp16", fp16)) if on]
+    if evaluator != "pycocotools":
+        runner_args += ["--evaluator", evaluator]
     if cfg_options:
         runner_args += ["--cfg-options", *cfg_options]
     run_or_show("test", runner_args, topology, notes, dry_run)
