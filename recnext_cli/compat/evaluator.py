@@ -13,19 +13,20 @@ EVALUATORS = ("pycocotools", "faster")
 def faster_cocoeval():
     """faster-coco-eval's COCOeval, as a drop-in for pycocotools' in mmdet's CocoDataset.evaluate.
 
-    It reads mmdet's ground truth and `loadRes` detections (pycocotools COCO objects) through getAnnIds, loadAnns
-    and imgs only, which both libraries share, so no conversion is needed there. What differs is `stats[0]`.
+    It reads mmdet's ground truth and its `loadRes` detections, both pycocotools COCO objects, only through what the
+    two libraries' COCO classes share (getImgIds, getCatIds, getAnnIds, loadAnns, imgs), so they need no conversion.
+    What needs adapting is one summary number, `stats[0]`.
     """
     # The pycocotools-replacement class, not COCOeval_faster: it prints its summary to stdout, which mmdet captures
-    # into the log as it does for pycocotools; COCOeval_faster sends it to the logging module, where it is lost.
+    # into the log as it does for pycocotools; COCOeval_faster logs it at INFO level, below what the workers show.
     from faster_coco_eval.core.faster_eval_api import COCOeval
 
     class PycocotoolsStatsCOCOeval(COCOeval):
         """Reports `stats` as pycocotools 2.0 does.
 
         mmdet sets params.maxDets to (100, 300, 1000) and reads stats[0] as mAP. pycocotools averages that one at
-        100 detections per image and class (its `_summarize` default), faster-coco-eval 1.8 at maxDets[-1]: the two
-        differ wherever an image has more than 100 detections of a class (of any class for the proposal metric).
+        100 detections per image and class (its `_summarize` default), faster-coco-eval 1.8 at maxDets[-1] (1000): the
+        two can differ once an image has more than 100 detections of a class (of any class for the proposal metric).
         """
 
         def summarize(self):
