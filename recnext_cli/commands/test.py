@@ -222,11 +222,11 @@ def test(
     )] = False,
     fp16: Annotated[bool, typer.Option(
         "--fp16", help="Run the model in half precision the mmdet way (mmcv's wrap_fp16_model: autocast in the "
-        "network, fp32 box decoding and NMS). CUDA only; metrics may move in the last digit.",
+        "network, fp32 box decoding and NMS). CUDA only; metrics may differ slightly from fp32's.",
     )] = False,
     evaluator: Annotated[str, typer.Option(
-        "--evaluator", help="COCO metric implementation: pycocotools (mmdet's own) or faster (faster-coco-eval: "
-        "the same numbers, computed several times faster).",
+        "--evaluator", help="COCO metric implementation: pycocotools (mmdet's own) or faster (faster-coco-eval's "
+        "C++ COCOeval: the same metrics, evaluation nearly twice as fast; see benchmarks/coco_eval.py).",
     )] = "pycocotools",
 ) -> None:
     """Evaluate NAME on COCO val2017 with --gpus workers (torchrun, Slurm or one process) and print its README row.
