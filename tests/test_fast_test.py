@@ -1,5 +1,4 @@
-"""`recnext test --fuse-conv-bn / --fp16 / --evaluator`: refused where they cannot run, passed to the workers, and
-giving the metrics of the plain run."""
+"""`recnext test --fuse-conv-bn / --fp16 / --evaluator`: refused where they cannot run, passed on, same metrics."""
 
 from __future__ import annotations
 
