@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -126,15 +127,15 @@ def load_detector(config_path: Path, checkpoint_path: Path, device: str | None =
         if not path.is_file():
             raise UsageError(f"{what} file {path} does not exist; check the path")
     from recnext_cli import compat, launch
+    from recnext_cli.runners import quiet_worker_output
 
     device = launch.resolve_device(device, launch.visible_gpus(), "none")
     launch.require_runner_stack()
+    quiet_worker_output()
     compat.apply_all()
     import recnext_cli.models  # noqa: F401  (registers the RecNeXt backbones with mmdet)
     from mmcv import Config
     from mmcv.runner import CheckpointLoader
-    from mmdet.datasets import replace_ImageToTensor
-    from mmdet.datasets.pipelines import Compose
     from mmdet.models import build_detector
 
     cfg = Config.fromfile(str(config_path))
@@ -144,12 +145,11 @@ def load_detector(config_path: Path, checkpoint_path: Path, device: str | None =
         cfg.model.backbone.init_cfg = None
     cfg.model.train_cfg = None
     model = build_detector(cfg.model, test_cfg=cfg.get("test_cfg"))
-    checkpoint = CheckpointLoader.load_checkpoint(str(checkpoint_path), map_location="cpu")
+    # Without a logger mmcv prints "load checkpoint from ..." to stdout, where --json output goes.
+    checkpoint = CheckpointLoader.load_checkpoint(str(checkpoint_path), map_location="cpu", logger="silent")
     _load_weights(model, checkpoint, checkpoint_path, config_path)
-    model.cfg = cfg
     model.to(device).eval()
-    classes = _class_names(checkpoint, cfg)
-    return Detector(model, classes, device, _test_pipeline(cfg, config_path, replace_ImageToTensor, Compose))
+    return Detector(model, _class_names(checkpoint, cfg), device, _test_pipeline(cfg, config_path))
 
 
 def _load_weights(model, checkpoint, checkpoint_path: Path, config_path: Path) -> None:
@@ -185,13 +185,19 @@ def _class_names(checkpoint, cfg) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _test_pipeline(cfg, config_path: Path, replace_image_to_tensor, compose):
+def _test_pipeline(cfg, config_path: Path):
     """The config's test pipeline without its first step: `detect` hands it an image already loaded."""
+    from mmdet.datasets import replace_ImageToTensor
+    from mmdet.datasets.pipelines import Compose
+
     steps = copy.deepcopy(cfg.data.test.pipeline)
     if not steps or not str(steps[0].get("type", "")).startswith("LoadImage"):
         raise UsageError(f"the test pipeline of {config_path} does not start by loading the image; pass an mmdet config")
-    # Batches of one are padded anyway; mmdet's own inference replaces ImageToTensor the same way.
-    return compose(replace_image_to_tensor(steps[1:]))
+    # Batches of one are padded anyway; mmdet's own inference replaces ImageToTensor the same way, and its warning
+    # that it did so would only tell the user to change a config that is fine.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message='"ImageToTensor" pipeline is replaced')
+        return Compose(replace_ImageToTensor(steps[1:]))
 
 
 def run_inference(

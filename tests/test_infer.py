@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,13 +17,15 @@ from pycocotools import mask as mask_utils
 
 from recnext_cli import infer
 from recnext_cli.errors import IntegrityError, UsageError
-from recnext_cli.infer import Detection, ImageResult
+from recnext_cli.infer import Detection
 from recnext_cli.synthetic import DEFAULT_CLASSES, make_synthetic_coco
+from recnext_cli.zoo import CONFIG_ROOT
 
-TINY = Path(__file__).parent / "configs" / "mask_rcnn_recnext_tiny.py"
-# Iterations of two images each: on two CPU cores this takes about TRAIN_SECONDS_HINT, and the model then finds nearly
-# every shape of the validation images (200 iterations of four images found 37 of 38 with box IoU > 0.5).
-TRAIN_ITERATIONS = 120
+# RecNeXt-M0 Mask R-CNN shrunk to the synthetic shapes, the config `recnext demo` trains.
+TINY = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
+# Iterations of two images each, about 30 s on one CPU core. Measured on the 16 validation images (box IoU > 0.5, same
+# class): 40 iterations find 17 of the 38 shapes, 60 find 33, 80 find 33, 120 find 37.
+TRAIN_ITERATIONS = 80
 SEED = 0
 
 
@@ -89,19 +89,29 @@ def test_drawing_names_are_distinct_even_when_inputs_share_a_stem():
 
 
 def test_write_png_leaves_no_partial_file_when_saving_fails(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "x.png"
+
     def fail_halfway(self, stream, *args, **kwargs):
         stream.write(b"\x89PNG half")
+        assert not target.exists(), "bytes went straight to the final name"
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", fail_halfway)
     with pytest.raises(OSError, match="disk full"):
-        infer.write_png(grey_image(), tmp_path / "out" / "x.png")
+        infer.write_png(grey_image(), target)
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_write_png_replaces_the_target_in_one_step(tmp_path):
+def test_write_png_replaces_the_target_in_one_step(tmp_path, monkeypatch):
     target = tmp_path / "x.png"
     target.write_bytes(b"old")
+    save = Image.Image.save
+
+    def save_checking_target(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        assert target.read_bytes() == b"old", "the target changed before the new file was complete"
+
+    monkeypatch.setattr(Image.Image, "save", save_checking_target)
     infer.write_png(grey_image(), target)
     assert Image.open(target).size == (96, 64)
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
@@ -199,24 +209,30 @@ def trained(shapes, tmp_path_factory) -> Path:
     optimizer = build_optimizer(model, cfg.optimizer)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     warmup = cfg.lr_config.warmup_iters
+    threads = torch.get_num_threads()
     started, iteration = time.monotonic(), 0
-    # oneDNN builds a new convolution kernel for each input shape it meets, and the mask head sees another number of
-    # RoIs at every step: with it, iterations on CPU take 10x longer. torch's own kernels have no such start-up cost.
-    with torch.backends.mkldnn.flags(enabled=False):
-        while iteration < TRAIN_ITERATIONS:
-            for batch in loader:
-                if iteration == TRAIN_ITERATIONS:
-                    break
-                # mmcv's linear warm-up, as the config's lr_config asks.
-                scale = 1 - (1 - iteration / warmup) * (1 - cfg.lr_config.warmup_ratio) if iteration < warmup else 1.0
-                for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base_lr * scale
-                outputs = model.train_step(scatter(batch, [-1])[0], optimizer)
-                optimizer.zero_grad()
-                outputs["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer_config.grad_clip.max_norm)
-                optimizer.step()
-                iteration += 1
+    # One thread: with two, an iteration took 0.3 s alone but up to 47 s while another job used the second core
+    # (OpenMP threads waiting on each other); one thread keeps 0.3-0.4 s under load. oneDNN is off because it builds a
+    # new convolution kernel for every input shape, and the mask head sees another number of RoIs at every step.
+    torch.set_num_threads(1)
+    try:
+        with torch.backends.mkldnn.flags(enabled=False):
+            while iteration < TRAIN_ITERATIONS:
+                for batch in loader:
+                    if iteration == TRAIN_ITERATIONS:
+                        break
+                    # mmcv's linear warm-up, as the config's lr_config asks.
+                    scale = 1 - (1 - iteration / warmup) * (1 - cfg.lr_config.warmup_ratio) if iteration < warmup else 1.0
+                    for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                        group["lr"] = base_lr * scale
+                    outputs = model.train_step(scatter(batch, [-1])[0], optimizer)
+                    optimizer.zero_grad()
+                    outputs["loss"].backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer_config.grad_clip.max_norm)
+                    optimizer.step()
+                    iteration += 1
+    finally:
+        torch.set_num_threads(threads)
     print(f"trained {TRAIN_ITERATIONS} iterations in {time.monotonic() - started:.0f}s", file=sys.stderr)
     checkpoint = tmp_path_factory.mktemp("trained") / "tiny.pth"
     save_checkpoint(model, str(checkpoint), meta={"CLASSES": dataset.CLASSES})
@@ -242,17 +258,24 @@ def test_drawn_detections_match_ground_truth_shapes(trained, shapes, tmp_path):
     images = sorted(shapes.image_dir("val2017").glob("*.png"))[:6]
     results = infer.run_inference(TINY, trained, images, score_thr=0.3, device="cpu")
     assert [result.image_path for result in results] == images
-    matches = []
+    matches, shapes_found, shape_count = [], 0, 0
     for result in results:
         assert (result.width, result.height) == (128, 128)
         assert [d.score for d in result.detections] == sorted((d.score for d in result.detections), reverse=True)
         assert all(d.score > 0.3 and d.class_name == DEFAULT_CLASSES[d.class_id] for d in result.detections)
-        for detection in result.detections:
-            for class_id, box, mask in ground_truth(shapes, result.image_path):
-                mask_iou = (detection.mask & mask).sum() / (detection.mask | mask).sum()
-                if class_id == detection.class_id and box_iou(detection.box, box) > 0.5 and mask_iou > 0.5:
-                    matches.append((result, detection))
-    assert matches, "no detection overlaps a ground-truth shape of its class with IoU > 0.5"
+        for class_id, box, mask in ground_truth(shapes, result.image_path):
+            found = [
+                detection
+                for detection in result.detections
+                if detection.class_id == class_id
+                and box_iou(detection.box, box) > 0.5
+                and (detection.mask & mask).sum() / (detection.mask | mask).sum() > 0.5
+            ]
+            matches += [(result, detection) for detection in found]
+            shapes_found += bool(found)
+            shape_count += 1
+    # One match is what the drawing needs; half the shapes leaves a wide margin below what training reaches.
+    assert shapes_found >= shape_count / 2, f"{shapes_found} of {shape_count} shapes found (box and mask IoU > 0.5)"
 
     result, detection = matches[0]
     drawing_path = infer.save_drawing(result, tmp_path / "drawn")
@@ -324,6 +347,5 @@ def test_class_names_come_from_checkpoint_meta_else_the_config(trained, tmp_path
 
 @pytest.mark.slow
 def test_a_checkpoint_that_does_not_fit_the_config_is_refused(trained, tmp_path):
-    zoo_config = Path(__file__).parents[1] / "configs" / "mask_rcnn_recnext_m3_fpn_1x_coco.py"
     with pytest.raises(IntegrityError, match="does not fit the model"):
-        infer.load_detector(zoo_config, trained, "cpu")
+        infer.load_detector(CONFIG_ROOT / "mask_rcnn_recnext_m3_fpn_1x_coco.py", trained, "cpu")
