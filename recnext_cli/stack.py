@@ -54,9 +54,7 @@ class SetupOptions:
 @dataclasses.dataclass
 class SetupResult:
     steps: list[str]
-    wheel: Path
-    reused_wheel: bool
-    log_path: Path | None
+    log_path: Path
 
 
 def python_tag() -> str:
@@ -71,10 +69,10 @@ def log_dir() -> Path:
     return cache_root() / "logs"
 
 
-def _run(cmd: list[str], log, env: dict | None = None, cwd: Path | None = None) -> None:
+def _run(cmd: list[str], log, env: dict | None = None) -> None:
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
-    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise EnvironmentProblem(
             f"`{' '.join(cmd[:6])} …` failed (exit {proc.returncode}); the full log is {log.name}"
@@ -173,16 +171,36 @@ def build_mmcv_wheel(key: BuildKey, torch: dict, options: SetupOptions, log, rep
         return target_dir / built.name
 
 
-def probe_mmdet_stack(python: str) -> tuple[str | None, str | None]:
-    """(mmcv version when mmcv.ops loads, mmdet version when it imports) in the target interpreter, in one process."""
+@dataclasses.dataclass(frozen=True)
+class InstalledStack:
+    """What the target interpreter can import: versions are None where the import fails."""
+
+    mmcv: str | None
+    mmcv_flavour: str | None  # "cpu", or "cu<version>" when mmcv's CUDA kernels were compiled
+    mmdet: str | None
+
+
+def probe_mmdet_stack(python: str) -> InstalledStack:
+    """Import mmcv.ops and mmdet in the target interpreter, in one process (importing mmcv.ops proves the build
+    links against the installed torch)."""
     out = _probe(
         python,
-        "try:\n    import mmcv, mmcv.ops; a = mmcv.__version__\nexcept Exception:\n    a = ''\n"
-        "try:\n    import mmdet; b = mmdet.__version__\nexcept Exception:\n    b = ''\n"
-        "print(a, b)",
+        "try:\n    import mmcv, mmcv.ops; a = mmcv.__version__; c = mmcv.ops.get_compiling_cuda_version()\n"
+        "except Exception:\n    a = c = '-'\n"
+        "try:\n    import mmdet; b = mmdet.__version__\nexcept Exception:\n    b = '-'\n"
+        "print(a, c, b, sep='|')",
     )
-    mmcv, _, mmdet = (out or "").partition(" ")
-    return mmcv.strip() or None, mmdet.strip() or None
+    mmcv, cuda, mmdet = (out or "-|-|-").splitlines()[-1].split("|")
+    flavour = None if cuda == "-" else "cpu" if cuda == "not available" else f"cu{cuda}"
+    return InstalledStack(None if mmcv == "-" else mmcv, flavour, None if mmdet == "-" else mmdet)
+
+
+def mmcv_install_needed(installed: InstalledStack, key: BuildKey, options: SetupOptions) -> bool:
+    """Whether to (build and) install mmcv-full: a working build is kept unless --cuda-ops asks for CUDA kernels it
+    lacks or --force-rebuild is given; a plain setup never swaps a working CUDA build for a CPU one."""
+    if options.force_rebuild or installed.mmcv != MMCV_VERSION:
+        return True
+    return options.cuda_ops and installed.mmcv_flavour != key.flavour
 
 
 def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
@@ -203,14 +221,13 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
         if options.cuda_ops and not (shutil.which("nvcc") and local_gpu_arch(options.python)):
             raise EnvironmentProblem("--cuda-ops needs nvcc on PATH and a visible GPU; drop the flag for a CPU-ops build")
         key = build_key(torch, options.cuda_ops)
-        wheel = None if options.force_rebuild else cached_wheel(key)
-        reused = wheel is not None
-        mmcv, mmdet = probe_mmdet_stack(options.python)
+        installed = probe_mmdet_stack(options.python)
         changed = False
-        if reused and mmcv == MMCV_VERSION:
-            # importing mmcv.ops proves the installed build links against this torch
-            steps.append(f"mmcv-full {MMCV_VERSION} already installed from {wheel.name}")
+        if not mmcv_install_needed(installed, key, options):
+            steps.append(f"mmcv-full {MMCV_VERSION} ({installed.mmcv_flavour} ops) already works with torch "
+                         f"{torch['version']}")
         else:
+            wheel = None if options.force_rebuild else cached_wheel(key)
             if wheel is None:
                 wheel = build_mmcv_wheel(key, torch, options, log, report)
                 steps.append(f"built {wheel.name} ({wheel.stat().st_size / 2**20:.0f} MB) into {wheel.parent}")
@@ -219,13 +236,14 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
             _run(pip + ["addict", "packaging", "pyyaml", "yapf>=0.43", "opencv-python-headless", "pillow"], log)
             steps.append(f"installed mmcv-full {MMCV_VERSION} ({key.flavour} ops)")
             changed = True
-        if mmdet != MMDET_VERSION:
+        if installed.mmdet != MMDET_VERSION:
             report(f"installing mmdet {MMDET_VERSION}")
             _run(pip + [f"mmdet=={MMDET_VERSION}"], log)
             steps.append(f"installed mmdet {MMDET_VERSION}")
             changed = True
         if changed:
             report("checking that mmcv.ops and mmdet import")
-            if probe_mmdet_stack(options.python) != (MMCV_VERSION, MMDET_VERSION):
+            after = probe_mmdet_stack(options.python)
+            if (after.mmcv, after.mmdet) != (MMCV_VERSION, MMDET_VERSION):
                 raise EnvironmentProblem(f"mmcv.ops or mmdet does not import after setup; see {log_path}")
-    return SetupResult(steps=steps, wheel=wheel, reused_wheel=reused, log_path=log_path)
+    return SetupResult(steps=steps, log_path=log_path)

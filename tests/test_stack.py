@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from recnext_cli import stack
 
 
@@ -52,3 +54,31 @@ def test_cxx20_detection_reads_the_aten_header(tmp_path):
     assert not stack.torch_needs_cxx20(str(tmp_path))
     header.write_text("#if !defined(_MSC_VER) && __cplusplus < 202002L\n#error C++20\n#endif\n")
     assert stack.torch_needs_cxx20(str(tmp_path))
+
+
+def test_probe_reads_a_broken_stack_as_missing(tmp_path):
+    shadow = tmp_path / "mmcv"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('broken build')\n")
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path} exec {sys.executable} \"$@\"\n")
+    fake_python.chmod(0o755)
+    installed = stack.probe_mmdet_stack(str(fake_python))
+    assert installed.mmcv is None and installed.mmcv_flavour is None
+
+
+def _installed(version="1.7.2", flavour="cpu"):
+    return stack.InstalledStack(version, flavour, "2.28.2")
+
+
+def test_a_working_build_is_kept_and_cuda_ops_are_added_only_when_asked():
+    cpu_key = stack.build_key(_torch(), cuda_ops=False)
+    cuda_key = stack.build_key(_torch(), cuda_ops=True)
+    plain, cuda = stack.SetupOptions(), stack.SetupOptions(cuda_ops=True)
+    assert not stack.mmcv_install_needed(_installed(), cpu_key, plain)
+    assert not stack.mmcv_install_needed(_installed(flavour="cu13.0"), cpu_key, plain)  # never downgraded
+    assert stack.mmcv_install_needed(_installed(), cuda_key, cuda)
+    assert not stack.mmcv_install_needed(_installed(flavour="cu13.0"), cuda_key, cuda)
+    assert stack.mmcv_install_needed(_installed(version=None, flavour=None), cpu_key, plain)  # ops fail to load
+    assert stack.mmcv_install_needed(_installed(version="1.7.1"), cpu_key, plain)
+    assert stack.mmcv_install_needed(_installed(), cpu_key, stack.SetupOptions(force_rebuild=True))
