@@ -25,7 +25,7 @@ def setup(
 
     from recnext_cli import stack
 
-    console = Console()
+    console = Console(log_path=False)
     options = stack.SetupOptions(cuda_ops=cuda_ops, force_rebuild=force_rebuild)
     if jobs:
         options.jobs = jobs
