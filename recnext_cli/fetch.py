@@ -21,6 +21,7 @@ CHUNK_SIZE = 1 << 20
 TIMEOUT = (10, 60)  # seconds to connect, and to wait for the next bytes of a body
 RETRIES = 5  # failed attempts in a row that moved the download no further
 BACKOFF_SECONDS = 1.0  # doubled after every further failed attempt
+ABANDONED_SECONDS = 600  # a private .part untouched this long belongs to a writer that was killed
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes of the file on disk, total bytes or None when the server does not say) as a download advances."""
@@ -227,8 +228,34 @@ def _pin_problem(checkpoint: Checkpoint, digest: str, size: int) -> str | None:
     return None
 
 
+def _adopt_abandoned(path: Path, parked: Path) -> None:
+    """Give the next run what writers killed outright (SIGKILL, a Slurm time limit) left in their private files.
+
+    Only files nobody has written to for ABANDONED_SECONDS count: a live download appends every chunk. The largest
+    becomes <name>.part when there is none; the rest are deleted. Renames are atomic, so racing runs cannot share one.
+    """
+    now = time.time()
+    abandoned = []
+    for candidate in path.parent.glob(f"{path.name}.*.part"):
+        try:
+            stat = candidate.stat()
+        except FileNotFoundError:
+            continue
+        if now - stat.st_mtime > ABANDONED_SECONDS:
+            abandoned.append((stat.st_size, candidate))
+    for index, (_, candidate) in enumerate(sorted(abandoned, reverse=True)):
+        try:
+            if index == 0 and not parked.exists():
+                os.replace(candidate, parked)
+            else:
+                candidate.unlink()
+        except FileNotFoundError:
+            continue
+
+
 def _download(checkpoint: Checkpoint, path: Path, progress: Progress | None, accept_new_digest: bool) -> None:
     parked = path.with_name(f"{path.name}.part")
+    _adopt_abandoned(path, parked)
     # Each writer streams into a file that only it has open, so two writers can never interleave bytes, even where
     # file locks are silently no-ops (Lustre, GPFS). <name>.part only holds a stopped download for the next run.
     private = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.part")

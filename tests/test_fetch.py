@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -99,6 +100,25 @@ def test_a_later_run_resumes_what_an_earlier_run_left(server, good, monkeypatch)
     assert path.read_bytes() == good
     assert cache.recorded(M3.file_name).sha256 == sha256(good)
     assert not parked.exists()
+
+
+def test_a_writer_killed_outright_leaves_bytes_the_next_run_resumes(server, good):
+    path = cache.checkpoint_path(M3.file_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(f"{path.name}.0123456789ab.part")  # what a SIGKILLed writer leaves: its private file
+    old.write_bytes(good[:700_000])
+    smaller = path.with_name(f"{path.name}.ba9876543210.part")
+    smaller.write_bytes(good[:100_000])
+    live = path.with_name(f"{path.name}.live00000000.part")  # another writer, still appending
+    live.write_bytes(good[:50_000])
+    hour_ago = time.time() - 3600
+    for abandoned in (old, smaller):
+        os.utime(abandoned, (hour_ago, hour_ago))
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert server.log[0].range_start == 700_000
+    assert server.bytes_sent() == len(good) - 700_000
+    assert not old.exists() and not smaller.exists()
+    assert live.read_bytes() == good[:50_000]
 
 
 def test_a_500_is_retried_after_a_backoff(server, good, monkeypatch):
