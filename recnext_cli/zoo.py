@@ -10,9 +10,9 @@ from types import MappingProxyType
 from recnext_cli.errors import EnvironmentProblem, UnknownModelError, UsageError
 
 RELEASES_URL = "https://github.com/suous/RecNeXt/releases/download"
-# Model.config paths are relative to the repository root, which holds configs/ beside recnext_cli/.
-REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_ROOT = REPOSITORY_ROOT / "configs"
+# Model.config paths are relative to this package, which ships the mmdet config files in configs/ as package data.
+PACKAGE_ROOT = Path(__file__).resolve().parent
+CONFIG_ROOT = PACKAGE_ROOT / "configs"
 # The M series was published with release v1.0, the A series (linear attention) later with v2.0.
 RELEASE_TAGS = MappingProxyType({"M": "v1.0", "A": "v2.0"})
 
@@ -130,7 +130,7 @@ def get_checkpoint(name: str, pretrain: bool = False) -> Checkpoint:
 def config_path(name: str) -> Path:
     """The mmdet config file of detection model `name`."""
     get_checkpoint(name)  # a classification-only size has no detection config: say so the zoo's way
-    path = REPOSITORY_ROOT / get_model(name).config
+    path = PACKAGE_ROOT / get_model(name).config
     if not path.is_file():
-        raise EnvironmentProblem(f"{path} is missing: recnext's configs/ folder must sit beside recnext_cli/")
+        raise EnvironmentProblem(f"{path} is missing: reinstall recnext (its configs/ ship inside the package)")
     return path

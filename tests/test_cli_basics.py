@@ -101,3 +101,29 @@ def test_doctor_reports_a_broken_mmdet_and_exits_1(tmp_path):
     mmdet_row = next(c for c in report["checks"] if c["name"] == "mmdet")
     assert mmdet_row["status"] == "broken" and "simulated broken mmdet" in mmdet_row["value"]
     assert report["usable"] is False
+
+
+@pytest.mark.slow
+def test_a_built_wheel_ships_the_configs(tmp_path):
+    # A non-editable install must still find every config the zoo names and the demo's.
+    import shutil
+    import zipfile
+
+    from recnext_cli import zoo
+
+    # From a copy of the sources: a build/ folder left in the checkout would hide files the wheel really lacks.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(zoo.PACKAGE_ROOT.parent / name, source / name)
+    shutil.copytree(zoo.PACKAGE_ROOT, source / "recnext_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("recnext-*.whl")
+
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    wanted = {f"recnext_cli/{zoo.get_model(name).config}" for name in zoo.DETECTION_MODELS}
+    wanted.add("recnext_cli/configs/demo/mask_rcnn_recnext_m0_shapes.py")
+    wanted |= {f"recnext_cli/{path.relative_to(zoo.PACKAGE_ROOT)}" for path in (zoo.CONFIG_ROOT / "_base_").rglob("*.py")}
+    assert len(wanted) == 11
+    assert wanted <= shipped

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from recnext_cli.synthetic import make_synthetic_coco
+from recnext_cli.zoo import CONFIG_ROOT
 
 pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
 pytestmark = pytest.mark.slow
 
 CONFIGS = Path(__file__).parent / "configs"
-TINY = Path(__file__).resolve().parents[1] / "configs" / "demo" / "mask_rcnn_recnext_m0_shapes.py"
+TINY = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
 # 96 training images make 24 iterations per epoch with two workers of two images each: long epochs, because mmcv's
 # runner sleeps 2 s at every epoch start; two of them are enough for the box AP to leave zero behind.
 EPOCHS = 2

@@ -18,9 +18,10 @@ from recnext_cli.cli import app
 from recnext_cli.errors import UsageError
 from recnext_cli.runners.test import parse_args
 from recnext_cli.synthetic import make_synthetic_coco
+from recnext_cli.zoo import CONFIG_ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "demo" / "mask_rcnn_recnext_m0_shapes.py"
+TINY = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
 BENCHMARK = ROOT / "benchmarks" / "coco_eval.py"
 needs_mmdet = pytest.mark.skipif(importlib.util.find_spec("mmdet") is None, reason="needs the mmdet stack (make setup)")
 

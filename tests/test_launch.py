@@ -22,8 +22,9 @@ from recnext_cli.commands.test import expand_variadic
 from recnext_cli.errors import DatasetLayoutError, EnvironmentProblem, UnknownModelError, UsageError
 from recnext_cli.launch import Topology, build_plan, check_topology
 from recnext_cli.runners import first_host, torchrun_env_from_slurm
+from recnext_cli.zoo import CONFIG_ROOT
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "mask_rcnn_recnext_m0_shapes.py"
+CONFIG = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
 
 
 def test_torchrun_plan_is_the_documented_command_line():
