@@ -36,6 +36,7 @@ def infer(
     An image that cannot be read gets a one-line error; the others are still processed, and the exit code is then 2.
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from recnext_cli import infer as library
     from recnext_cli.commands.test import resolved_files
@@ -51,7 +52,7 @@ def infer(
         try:
             image = library.load_image(image_path)
         except RecnextError as exc:
-            errors.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            errors.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             continue
         result = detector.detect(image, image_path, score_thr)
         drawing_path = out / file_name
