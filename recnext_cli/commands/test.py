@@ -102,13 +102,14 @@ def launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, mast
 def run_or_show(runner: str, runner_args: list[str], topology, notes: list[str], dry_run: bool) -> None:
     """Print the plan for --dry-run; otherwise run it and exit with the job's status when it fails."""
     from rich.console import Console
+    from rich.markup import escape
 
     from recnext_cli import launch
 
     plan = launch.build_plan(runner, runner_args, topology)
     console = Console(stderr=True, highlight=False)
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     if dry_run:
         # The command goes to stdout unwrapped and unstyled, so it can be copied or captured as it is.
         typer.echo(plan.shell())
