@@ -8,16 +8,15 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from recnext_cli.commands.test import DetectorCheckpoint
+
 
 def infer(
     name: Annotated[str, typer.Argument(
         help="Zoo model (m3, m4, m5, a3, a4, a5), or any label with both --config and --checkpoint.",
     )],
     images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="Image files (PNG, JPEG, ...).")],
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", help="Detector weights (default: the zoo checkpoint, downloaded and verified into the cache)",
-        show_default=False,
-    )] = None,
+    checkpoint: DetectorCheckpoint = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help="Your mmdet config instead of the zoo model's (class names: checkpoint meta, else the config)",
         show_default=False,

@@ -75,6 +75,12 @@ Config = Annotated[Optional[Path], typer.Option(
     show_default=False,
 )]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the command and environment, start nothing.")]
+# Shared with `recnext train` and `recnext infer`.
+ModelName = Annotated[str, typer.Argument(help="Zoo model (m3, m4, m5, a3, a4, a5), or any label with --config.")]
+DetectorCheckpoint = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", help="Detector weights (default: the zoo checkpoint, downloaded and verified into the cache)",
+    show_default=False,
+)]
 
 
 def launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args):
@@ -192,13 +198,10 @@ def resolved_files(name: str, config: Path | None, checkpoint: Path | None, dry_
 
 
 def test(
-    name: Annotated[str, typer.Argument(help="Zoo model (m3, m4, m5, a3, a4, a5), or any label with --config.")],
+    name: ModelName,
     gpus: Gpus = 1,
     data_root: DataRoot = Path("data/coco"),
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", help="Detector weights (default: the zoo checkpoint, downloaded and verified into the cache)",
-        show_default=False,
-    )] = None,
+    checkpoint: DetectorCheckpoint = None,
     metrics: Annotated[list[str], typer.Option(
         "--eval", help="COCO metrics: bbox segm (also proposal, proposal_fast).",
     )] = ["bbox", "segm"],  # noqa: B006

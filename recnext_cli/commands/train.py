@@ -17,6 +17,7 @@ from recnext_cli.commands.test import (
     Launcher,
     MasterAddr,
     MasterPort,
+    ModelName,
     Nnodes,
     NodeRank,
     Partition,
@@ -47,7 +48,7 @@ def resolved_files(name: str, config: Path | None, dry_run: bool, notes: list[st
 
 
 def train(
-    name: Annotated[str, typer.Argument(help="Zoo model (m3, m4, m5, a3, a4, a5), or any label with --config.")],
+    name: ModelName,
     gpus: Gpus = 1,
     data_root: DataRoot = Path("data/coco"),
     work_dir: Annotated[Optional[Path], typer.Option(
