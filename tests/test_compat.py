@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,19 +19,14 @@ pytest.importorskip("mmcv.ops")
 from recnext_cli import compat  # noqa: E402
 from recnext_cli.compat import checkpoint, ddp, ops, scatter  # noqa: E402
 from recnext_cli.compat._util import original_of  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from recnext_cli.launch import free_port  # noqa: E402
 
 
 @pytest.fixture
 def gloo_world_of_one():
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -143,7 +137,7 @@ def test_cpu_distributed_needs_fix(monkeypatch, gloo_world_of_one, tmp_path):
 def test_cpu_distributed_two_gloo_workers_train_and_collect(tmp_path):
     worker = Path(__file__).with_name("compat_ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            str(worker), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -47,31 +48,26 @@ def cpu_distributed_patched() -> bool:
     return is_marked(dist_util.build_ddp) and is_marked(mmdet.apis.test.collect_results_cpu)
 
 
-_CPU_DDP_CLASS = None
-
-
+@functools.cache
 def cpu_ddp_class():
     """MMDistributedDataParallel for CPU workers: unwraps DataContainers onto the CPU as MMDataParallel does."""
-    global _CPU_DDP_CLASS
-    if _CPU_DDP_CLASS is None:
-        from mmcv.parallel import MMDistributedDataParallel
+    from mmcv.parallel import MMDistributedDataParallel
 
-        class CPUDistributedDataParallel(MMDistributedDataParallel):
-            # Without device_ids mmcv hands DataContainers to the model unscattered; [-1] scatters to the CPU.
-            def train_step(self, *inputs, **kwargs):
-                inputs, kwargs = self.scatter(inputs, kwargs, [-1])
-                return super().train_step(*inputs[0], **kwargs[0])
+    class CPUDistributedDataParallel(MMDistributedDataParallel):
+        # Without device_ids mmcv hands DataContainers to the model unscattered; [-1] scatters to the CPU.
+        def train_step(self, *inputs, **kwargs):
+            inputs, kwargs = self.scatter(inputs, kwargs, [-1])
+            return super().train_step(*inputs[0], **kwargs[0])
 
-            def val_step(self, *inputs, **kwargs):
-                inputs, kwargs = self.scatter(inputs, kwargs, [-1])
-                return super().val_step(*inputs[0], **kwargs[0])
+        def val_step(self, *inputs, **kwargs):
+            inputs, kwargs = self.scatter(inputs, kwargs, [-1])
+            return super().val_step(*inputs[0], **kwargs[0])
 
-            def _run_ddp_forward(self, *inputs, **kwargs):
-                inputs, kwargs = self.to_kwargs(inputs, kwargs, -1)
-                return self.module(*inputs[0], **kwargs[0])
+        def _run_ddp_forward(self, *inputs, **kwargs):
+            inputs, kwargs = self.to_kwargs(inputs, kwargs, -1)
+            return self.module(*inputs[0], **kwargs[0])
 
-        _CPU_DDP_CLASS = CPUDistributedDataParallel
-    return _CPU_DDP_CLASS
+    return CPUDistributedDataParallel
 
 
 def patch_cpu_distributed() -> None:
