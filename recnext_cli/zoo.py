@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 from pathlib import Path
 from types import MappingProxyType
+from typing import Mapping
 
 from recnext_cli.errors import EnvironmentProblem, UnknownModelError, UsageError
 
@@ -34,6 +36,21 @@ class Metrics:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pin:
+    """The SHA-256 and byte size of one release file, taken from a copy verified on a trusted network."""
+
+    sha256: str
+    size: int
+
+
+# Release file name -> its pin. `recnext pin` prints lines in exactly this form for cached files, to be pasted here
+# after checking them on a trusted network. Empty: the release files were not reachable where recnext is developed, so
+# nothing is pinned and every file is trusted on first use (its digest recorded in the cache's manifest).
+PINS: Mapping[str, Pin] = MappingProxyType({
+})
+
+
+@dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """One released weight file. sha256/size stay None until pinned: the first download is then trusted and recorded."""
 
@@ -48,6 +65,10 @@ class Checkpoint:
     def url(self) -> str:
         return f"{RELEASES_URL}/{self.release_tag}/{self.file_name}"
 
+    @property
+    def pinned(self) -> bool:
+        return self.sha256 is not None
+
 
 @dataclasses.dataclass(frozen=True)
 class Model:
@@ -56,6 +77,7 @@ class Model:
     name: str
     series: str
     release_tag: str
+    backbone: str  # BACKBONE_FINGERPRINTS[name]: what a checkpoint's backbone keys and shapes must hash to
     pretrain: Checkpoint
     coco: Checkpoint | None = None
     config: str | None = None
@@ -66,14 +88,47 @@ class Model:
         return f"RecNeXt-{self.name.upper()}"
 
 
+# SHA-256 of each backbone's sorted "key:shape" lines (backbone_fingerprint), so the structural check of a download
+# needs no torch; tests/test_zoo.py recomputes them from the backbones in recnext_cli/nn.
+BACKBONE_FINGERPRINTS = MappingProxyType({
+    "m0": "1593bcc6f0e4b65d6989c41a0703050e1b4e2df9bb3115334ca540bf6cba74a3",
+    "m1": "0a430c45800dd3d049ce2e8ce3fb222ffc4bc552deb62bb249db2baca83d65e8",
+    "m2": "2fb389bacd3414babab21fb7e6ff58c006b44856a30ed07bf9345fa7ccbc46cc",
+    "m3": "740e625dea88bd8b2912897d037387f723b5d7906396c64c17e69af89da66535",
+    "m4": "c1165101031fe695b640c63c87f5206677cb23736184cbe1b9052b5befe28420",
+    "m5": "86dd3b9f2dc612a14725f740f7328ace94e98159552b0a2d1b4bac604fb0bad1",
+    "a0": "3d889ae0941b030de49d364dff93d9669065d76dbe8885742ed911d71ebd74b4",
+    "a1": "fb6c10ef943cbae4528b3713ba9ffb26e93607c3b82fedad4f3bf58480de2762",
+    "a2": "5af7e2e78761e31060c1771879c48b5e7c5c561d87b361abe7e953b8dd20379c",
+    "a3": "63e65a74f500bcf9ba3994db1866216b9355682b982e31f35b080354245ef1e1",
+    "a4": "96d06aeece85b501248badca0af74967930c947df84058be0cfdbefa5c848617",
+    "a5": "14213998a85662007c57fd8069219af2bb280bae6ed55c84419261ab3f1facc1",
+})
+
+
+def backbone_fingerprint(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The SHA-256 of backbone `shapes` ({key without prefix: shape}) as BACKBONE_FINGERPRINTS records it."""
+    lines = "\n".join(f"{key}:{','.join(map(str, shape))}" for key, shape in sorted(shapes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _checkpoint(name: str, kind: str, tag: str, file_name: str) -> Checkpoint:
+    pin = PINS.get(file_name)
+    if pin is None:
+        return Checkpoint(name, kind, tag, file_name)
+    return Checkpoint(name, kind, tag, file_name, pin.sha256, pin.size)
+
+
 def _model(name: str, metrics: Metrics | None = None) -> Model:
     series = name[0].upper()
     tag = RELEASE_TAGS[series]
-    pretrain = Checkpoint(name, IMAGENET, tag, f"recnext_{name}_distill_300e.pth")
+    backbone = BACKBONE_FINGERPRINTS[name]
+    pretrain = _checkpoint(name, IMAGENET, tag, f"recnext_{name}_distill_300e.pth")
     if metrics is None:
-        return Model(name, series, tag, pretrain)
-    coco = Checkpoint(name, COCO, tag, f"recnext_{name}_coco.pth")
-    return Model(name, series, tag, pretrain, coco, f"configs/mask_rcnn_recnext_{name}_fpn_1x_coco.py", metrics)
+        return Model(name, series, tag, backbone, pretrain)
+    coco = _checkpoint(name, COCO, tag, f"recnext_{name}_coco.pth")
+    config = f"configs/mask_rcnn_recnext_{name}_fpn_1x_coco.py"
+    return Model(name, series, tag, backbone, pretrain, coco, config, metrics)
 
 
 # Detection models first, in the README's order; then the classification-only sizes.
@@ -114,15 +169,19 @@ def get_model(name: str) -> Model:
         raise UnknownModelError(f"unknown model {name!r}{hint} valid: {', '.join(MODELS)}") from None
 
 
-def get_checkpoint(name: str, pretrain: bool = False) -> Checkpoint:
-    """The COCO checkpoint of model `name`, or with pretrain=True its ImageNet pretraining checkpoint."""
+def get_checkpoint(name: str, pretrain: bool = False, *, offers_pretrain: bool = False) -> Checkpoint:
+    """The COCO checkpoint of model `name`, or with pretrain=True its ImageNet pretraining checkpoint.
+
+    offers_pretrain: the asking command has a --pretrain option, so the error for a classification-only size names it.
+    """
     model = get_model(name)
     if pretrain:
         return model.pretrain
     if model.coco is None:
+        remedy = "ask for its ImageNet weights with --pretrain" if offers_pretrain else "use one of those"
         raise UsageError(
-            f"{model.title} is a classification-only size with no COCO checkpoint (detection models: "
-            f"{', '.join(DETECTION_MODELS)}); ask for its ImageNet weights with --pretrain"
+            f"{model.title} is a classification-only size with no COCO checkpoint or detection config (detection "
+            f"models: {', '.join(DETECTION_MODELS)}); {remedy}"
         )
     return model.coco
 

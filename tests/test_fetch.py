@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from httpserver import Fault, FileServer, checkpoint_bytes
+from httpserver import Fault, FileServer, checkpoint_bytes, etag, last_modified
 from recnext_cli import cache, fetch, zoo
-from recnext_cli.errors import DownloadError, IntegrityError
+from recnext_cli.errors import DownloadError, IntegrityError, UsageError
 
 M3 = zoo.get_checkpoint("m3")
 M3_PRETRAIN = zoo.get_checkpoint("m3", pretrain=True)
@@ -38,6 +38,26 @@ def sha256(data: bytes) -> str:
 def leftovers() -> list[str]:
     """Files in the checkpoint cache other than lock files."""
     return sorted(path.name for path in cache.checkpoints_dir().iterdir() if path.suffix != ".lock")
+
+
+def recorded(file_name: str) -> tuple[str, int] | None:
+    record = cache.recorded(file_name)
+    return None if record is None else (record.sha256, record.size)
+
+
+def parked(checkpoint: zoo.Checkpoint = M3) -> Path:
+    path = cache.checkpoint_path(checkpoint.file_name)
+    return path.with_name(f"{path.name}.part")
+
+
+def stop_after(server, monkeypatch, cut: int, fault: Fault | None = None) -> int:
+    """Run a download that the server cuts at `cut` and that gives up at once; returns the bytes it parked."""
+    monkeypatch.setattr(fetch, "RETRIES", 0)
+    server.faults = [Fault(cut_after=cut)] + ([fault] if fault else [])
+    with pytest.raises(DownloadError, match="run the same command again to resume"):
+        fetch.ensure_file(M3)
+    monkeypatch.setattr(fetch, "RETRIES", 5)
+    return parked().stat().st_size
 
 
 @pytest.fixture
@@ -64,7 +84,9 @@ def test_clean_download_is_verified_recorded_and_then_served_from_the_cache(serv
     assert path.read_bytes() == good
     assert reports[-1] == (len(good), len(good))
     assert [done for done, _ in reports] == sorted(done for done, _ in reports)
-    assert cache.recorded(M3.file_name) == cache.Record(sha256(good), len(good))
+    record = cache.recorded(M3.file_name)
+    assert (record.sha256, record.size, record.source) == (sha256(good), len(good), server.url + url_path(M3))
+    assert record.first_seen
     assert leftovers() == ["manifest.json", M3.file_name]
     requests_so_far = len(server.log)
     assert fetch.ensure_file(M3) == path
@@ -81,6 +103,8 @@ def test_connection_cut_three_times_resumes_where_it_stopped(server, good):
         # A reset loses at most the chunk the client was in the middle of reading; nothing before it is asked again.
         assert reached - CHUNK <= resumed.range_start <= reached
     assert server.bytes_sent() - len(good) <= 3 * CHUNK
+    # Every resume names the version its kept bytes belong to.
+    assert {entry.if_range for entry in server.log[1:]} == {etag(good)}
     # The digest recorded for a resumed download covers the bytes kept from before each cut too.
     assert cache.recorded(M3.file_name).sha256 == sha256(good)
 
@@ -91,33 +115,91 @@ def test_a_later_run_resumes_what_an_earlier_run_left(server, good, monkeypatch)
     with pytest.raises(DownloadError, match="run the same command again to resume"):
         fetch.ensure_file(M3)
     path = cache.checkpoint_path(M3.file_name)
-    parked = path.with_name(f"{path.name}.part")
-    kept = parked.stat().st_size
+    kept = parked().stat().st_size
     assert 0 < kept <= 400_000
     assert not path.exists()
     fetch.ensure_file(M3)
-    assert server.log[-1].range_start == kept
+    assert (server.log[-1].range_start, server.log[-1].if_range, server.log[-1].status) == (kept, etag(good), 206)
     assert path.read_bytes() == good
     assert cache.recorded(M3.file_name).sha256 == sha256(good)
-    assert not parked.exists()
+    assert leftovers() == ["manifest.json", M3.file_name]
 
 
-def test_a_writer_killed_outright_leaves_bytes_the_next_run_resumes(server, good):
+@pytest.mark.parametrize("validators", ["both", "etag", "last-modified"])
+def test_a_file_republished_between_runs_is_fetched_whole_not_spliced(server, good, monkeypatch, validators):
+    # Issue 12, point 1: cut at 1.2 MB, publish another file of the same length, run again.
+    server.validators = validators
+    kept = stop_after(server, monkeypatch, cut=1_200_000)
+    assert kept > 1_000_000
+    republished = checkpoint_bytes("m3", "coco", seed=1, pad=300_000)
+    assert len(republished) == len(good)
+    server.files[url_path(M3)] = republished
+    assert fetch.ensure_file(M3).read_bytes() == republished
+    expected = etag(good) if validators != "last-modified" else last_modified(good)
+    assert (server.log[-1].range_start, server.log[-1].if_range, server.log[-1].status) == (kept, expected, 200)
+    assert recorded(M3.file_name) == (sha256(republished), len(republished))
+    assert leftovers() == ["manifest.json", M3.file_name]
+
+
+def test_a_server_that_sends_no_validator_gets_no_resume(server, good, monkeypatch):
+    server.validators = "none"
+    server.faults = [Fault(cut_after=600_000)]
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert [(entry.range_start, entry.status) for entry in server.log] == [(None, 200), (None, 200)]
+    assert not parked().exists()
+
+
+def test_a_server_that_ignores_if_range_cannot_splice_either(server, good, monkeypatch):
+    kept = stop_after(server, monkeypatch, cut=700_000)
+    republished = checkpoint_bytes("m3", "coco", seed=1, pad=300_000)
+    # It answers the resume with a tail of the new version, naming that version's ETag.
+    server.faults = [Fault(publish=republished, ignore_if_range=True)]
+    assert fetch.ensure_file(M3).read_bytes() == republished
+    assert [(entry.range_start, entry.status) for entry in server.log[-2:]] == [(kept, 206), (None, 200)]
+
+
+def test_a_parked_download_expires(server, good, monkeypatch):
+    stop_after(server, monkeypatch, cut=700_000)
+    old = time.time() - fetch.PARKED_SECONDS - 60
+    os.utime(parked(), (old, old))
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert server.log[-1].range_start is None
+    assert leftovers() == ["manifest.json", M3.file_name]
+
+
+def test_a_part_beside_another_parts_sidecar_is_not_resumed(server, good, monkeypatch):
+    # Two writers parking at once where locks are no-ops can cross their renames: one's bytes, the other's sidecar.
+    stop_after(server, monkeypatch, cut=700_000)
+    other = parked().with_name("other.part")
+    os.replace(parked(), other)
+    os.replace(f"{parked()}.json", f"{other}.json")
+    stop_after(server, monkeypatch, cut=300_000)
+    os.replace(f"{other}.json", f"{parked()}.json")
+    assert fetch.ensure_file(M3).read_bytes() == good
+    assert server.log[-1].range_start is None
+
+
+def test_a_writer_killed_outright_leaves_bytes_the_next_run_resumes(server, good, monkeypatch):
     path = cache.checkpoint_path(M3.file_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.with_name(f"{path.name}.0123456789ab.part")  # what a SIGKILLed writer leaves: its private file
-    old.write_bytes(good[:700_000])
-    smaller = path.with_name(f"{path.name}.ba9876543210.part")
-    smaller.write_bytes(good[:100_000])
+    # What SIGKILLed writers leave: their private files with sidecars. Made here by real stopped downloads.
+    leftovers_of_killed = []
+    for name, cut in (("0123456789ab", 700_000), ("ba9876543210", 100_000)):
+        kept = stop_after(server, monkeypatch, cut=cut)
+        private = path.with_name(f"{path.name}.{name}.part")
+        os.replace(f"{parked()}.json", f"{private}.json")
+        os.replace(parked(), private)
+        leftovers_of_killed.append((kept, private))
     live = path.with_name(f"{path.name}.live00000000.part")  # another writer, still appending
     live.write_bytes(good[:50_000])
     hour_ago = time.time() - 3600
-    for abandoned in (old, smaller):
+    for _, abandoned in leftovers_of_killed:
         os.utime(abandoned, (hour_ago, hour_ago))
+    sent = server.bytes_sent()
     assert fetch.ensure_file(M3).read_bytes() == good
-    assert server.log[0].range_start == 700_000
-    assert server.bytes_sent() == len(good) - 700_000
-    assert not old.exists() and not smaller.exists()
+    largest = leftovers_of_killed[0][0]
+    assert server.log[-1].range_start == largest
+    assert server.bytes_sent() - sent == len(good) - largest
+    assert not any(abandoned.exists() for _, abandoned in leftovers_of_killed)
     assert live.read_bytes() == good[:50_000]
 
 
@@ -182,7 +264,7 @@ def test_force_refuses_changed_bytes_unless_the_new_digest_is_accepted(server, g
     assert cache.recorded(M3.file_name).sha256 == sha256(good)
     fetch.ensure_file(M3, force=True, accept_new_digest=True)
     assert path.read_bytes() == republished
-    assert cache.recorded(M3.file_name) == cache.Record(sha256(republished), len(republished))
+    assert recorded(M3.file_name) == (sha256(republished), len(republished))
 
 
 def test_offline_mode_never_opens_a_connection(server, good, monkeypatch):
@@ -230,26 +312,33 @@ def test_bodies_that_always_stop_short_leave_no_complete_looking_file(server, mo
     assert leftovers() == []
 
 
-def test_kept_bytes_longer_than_the_file_are_dropped(server, good):
+def test_kept_bytes_of_no_known_version_are_dropped(server, good):
     path = cache.checkpoint_path(M3.file_name)
     path.parent.mkdir(parents=True)
-    path.with_name(f"{path.name}.part").write_bytes(b"x" * (len(good) + 10))
+    parked().write_bytes(b"x" * (len(good) + 10))
     assert fetch.ensure_file(M3).read_bytes() == good
-    assert [entry.status for entry in server.log] == [416, 200]
+    assert [(entry.range_start, entry.status) for entry in server.log] == [(None, 200)]
 
 
-def test_kept_bytes_that_are_already_the_whole_file_are_only_verified(server, good):
-    path = cache.checkpoint_path(M3.file_name)
-    path.parent.mkdir(parents=True)
-    path.with_name(f"{path.name}.part").write_bytes(good)
+def test_kept_bytes_that_are_already_the_whole_file_are_only_verified(server, good, monkeypatch):
+    real_check = fetch.check_structure
+
+    def interrupted(path, checkpoint):
+        monkeypatch.setattr(fetch, "check_structure", real_check)
+        raise KeyboardInterrupt  # Ctrl-C while the complete file was being checked
+
+    monkeypatch.setattr(fetch, "check_structure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fetch.ensure_file(M3)
+    assert parked().read_bytes() == good
     assert fetch.ensure_file(M3).read_bytes() == good
-    assert [entry.status for entry in server.log] == [416]
-    assert server.bytes_sent() == 0
+    assert [entry.status for entry in server.log] == [200, 416]
+    assert server.bytes_sent() == len(good)
 
 
 def test_a_wrong_backbone_is_refused_and_not_recorded(server):
     server.files[url_path(M3)] = checkpoint_bytes("m4", "coco")
-    with pytest.raises(IntegrityError, match="does not hold a RecNeXt-M3 coco checkpoint: .*unexpected backbone keys"):
+    with pytest.raises(IntegrityError, match="does not hold a RecNeXt-M3 coco checkpoint: it holds a RecNeXt-M4 backbone"):
         fetch.ensure_file(M3)
     assert leftovers() == []
     assert cache.recorded(M3.file_name) is None
@@ -289,7 +378,8 @@ def test_a_file_placed_by_hand_is_checked_and_trusted_on_first_use(server, good,
         fetch.ensure_file(M3)
     path.write_bytes(good)
     assert fetch.ensure_file(M3) == path
-    assert cache.recorded(M3.file_name) == cache.Record(sha256(good), len(good))
+    assert recorded(M3.file_name) == (sha256(good), len(good))
+    assert cache.recorded(M3.file_name).source == ""
     assert server.log == []
 
 
@@ -323,7 +413,7 @@ def test_pickled_code_is_refused_without_running_it(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"meta": RunsCode(), "state_dict": {}}, path)
-    with pytest.raises(IntegrityError, match="weights_only"):
+    with pytest.raises(IntegrityError, match="names the Python object posix.mkdir, which recnext never loads"):
         fetch.check_structure(path, M3)
     assert not marker.exists()
 
@@ -344,14 +434,18 @@ def _rename_in_pickle(checkpoint: bytes, old: bytes, new: bytes) -> bytes:
 
 WORKER = textwrap.dedent(
     """
-    import contextlib, sys, time
+    import sys, time
     from pathlib import Path
     from recnext_cli import cache, fetch
 
     ready, count, locks = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     if locks == "no-op":
         # What a file system with silently ineffective locks (Lustre, GPFS) does to every lock.
-        fetch.FileLock = cache.FileLock = lambda path: contextlib.nullcontext()
+        class NoLock:
+            def __init__(self, path): pass
+            def acquire(self, timeout=None): pass
+            def release(self): pass
+        cache.FileLock = NoLock
     (ready / sys.argv[4]).touch()
     while len(list(ready.iterdir())) < count:
         time.sleep(0.01)
@@ -381,7 +475,7 @@ def test_four_processes_share_one_download(server, good, tmp_path):
     assert set(paths) == {str(cache.checkpoint_path(M3.file_name))}
     assert Path(paths[0]).read_bytes() == good
     assert len(server.log) == 1 and server.bytes_sent() == len(good)
-    assert cache.read_manifest() == {M3.file_name: cache.Record(sha256(good), len(good))}
+    assert recorded(M3.file_name) == (sha256(good), len(good))
     assert leftovers() == ["manifest.json", M3.file_name]
 
 
@@ -391,5 +485,5 @@ def test_writers_without_working_locks_still_leave_one_good_file(server, good, t
     assert set(paths) == {str(cache.checkpoint_path(M3.file_name))}
     assert Path(paths[0]).read_bytes() == good
     assert len(server.log) >= 2  # the writers really overlapped
-    assert cache.read_manifest() == {M3.file_name: cache.Record(sha256(good), len(good))}
+    assert recorded(M3.file_name) == (sha256(good), len(good))
     assert leftovers() == ["manifest.json", M3.file_name]

@@ -82,6 +82,34 @@ def test_unknown_name_without_a_close_match_still_lists_the_valid_ones():
 
 def test_classification_only_sizes_have_pretrain_but_no_coco_checkpoint():
     assert zoo.get_checkpoint("m0", pretrain=True).file_name == "recnext_m0_distill_300e.pth"
-    with pytest.raises(UsageError, match="--pretrain"):
-        zoo.get_checkpoint("m0")
+    with pytest.raises(UsageError, match="ask for its ImageNet weights with --pretrain$"):
+        zoo.get_checkpoint("m0", offers_pretrain=True)
     assert zoo.get_checkpoint("a4").file_name == "recnext_a4_coco.pth"
+
+
+def test_commands_without_pretrain_are_not_told_to_use_it():
+    with pytest.raises(UsageError) as failure:
+        zoo.get_checkpoint("a1")
+    assert "--pretrain" not in str(failure.value) and "detection models: m3, m4, m5, a3, a4, a5" in str(failure.value)
+    with pytest.raises(UsageError) as failure:
+        zoo.config_path("m2")
+    assert "--pretrain" not in str(failure.value)
+
+
+@pytest.mark.parametrize("name", list(recnext.VARIANTS))
+def test_backbone_fingerprints_are_those_of_the_backbones(name):
+    assert zoo.backbone_fingerprint(recnext.backbone_state_shapes(name)) == zoo.BACKBONE_FINGERPRINTS[name]
+    assert zoo.MODELS[name].backbone == zoo.BACKBONE_FINGERPRINTS[name]
+
+
+def test_fingerprints_tell_every_backbone_apart():
+    assert len(set(zoo.BACKBONE_FINGERPRINTS.values())) == len(zoo.MODELS)
+
+
+def test_pins_name_release_files_and_reach_their_checkpoints():
+    for file_name, pin in zoo.PINS.items():
+        assert file_name in zoo.CHECKPOINTS
+        assert re.fullmatch(r"[0-9a-f]{64}", pin.sha256) and pin.size > 0
+        assert (zoo.CHECKPOINTS[file_name].sha256, zoo.CHECKPOINTS[file_name].size) == (pin.sha256, pin.size)
+    unpinned = [checkpoint for name, checkpoint in zoo.CHECKPOINTS.items() if name not in zoo.PINS]
+    assert all(not checkpoint.pinned and checkpoint.size is None for checkpoint in unpinned)
