@@ -7,7 +7,7 @@ import sys
 import typer
 
 from recnext_cli import __version__
-from recnext_cli.commands import bench, demo, doctor, download, infer, list_, results, setup, test, train, verify
+from recnext_cli.commands import bench, demo, doctor, download, infer, list_, pin, results, setup, test, train, verify
 from recnext_cli.errors import RecnextError
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ app.command("setup")(setup.setup)
 app.command("list")(list_.list_models)
 app.command("download")(download.download)
 app.command("verify")(verify.verify)
+app.command("pin")(pin.pin)
 app.command("doctor")(doctor.doctor)
 app.command("results")(results.results)
 app.command("test", cls=test.VariadicCommand)(test.test)

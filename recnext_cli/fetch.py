@@ -119,17 +119,20 @@ def download_command(checkpoint: Checkpoint) -> str:
     return f"recnext download {checkpoint.model}{flag}"
 
 
-def download_timeout() -> float:
-    """Seconds one file may take, lock wait included: $RECNEXT_DOWNLOAD_TIMEOUT, else DEFAULT_DEADLINE_SECONDS."""
-    value = os.environ.get("RECNEXT_DOWNLOAD_TIMEOUT", "").strip()
-    if not value:
+def download_timeout(option: str | None = None) -> float:
+    """Seconds one file may take, lock wait included: `option` (--timeout), else $RECNEXT_DOWNLOAD_TIMEOUT, else
+    DEFAULT_DEADLINE_SECONDS."""
+    name, value = ("--timeout", option) if option is not None else (
+        "RECNEXT_DOWNLOAD_TIMEOUT", os.environ.get("RECNEXT_DOWNLOAD_TIMEOUT", "")
+    )
+    if not value.strip():
         return DEFAULT_DEADLINE_SECONDS
     try:
         seconds = float(value)
     except ValueError:
         seconds = float("nan")
     if not 0 < seconds < float("inf"):
-        raise UsageError(f"RECNEXT_DOWNLOAD_TIMEOUT={value!r} is not a positive number of seconds; e.g. 600")
+        raise UsageError(f"{name} {value!r} is not a positive number of seconds; e.g. 600")
     return seconds
 
 

@@ -17,9 +17,15 @@ def download(
     accept_new_digest: bool = typer.Option(
         False, "--accept-new-digest", help="Accept bytes whose SHA-256 differs from the one recorded on first download."
     ),
+    timeout: str = typer.Option(
+        None, "--timeout", metavar="SECONDS",
+        help="Give up on a file after this long, waiting for another download of it included "
+        "(default: $RECNEXT_DOWNLOAD_TIMEOUT, else 3600).",
+    ),
 ) -> None:
     """Download checkpoints into the cache, resuming partial downloads, and verify them before they count as cached."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from recnext_cli import fetch, zoo
@@ -27,22 +33,30 @@ def download(
 
     if bool(names) == all_models:
         raise UsageError("name the models to download (e.g. `recnext download m3`) or pass --all, not both or neither")
+    seconds = fetch.download_timeout(timeout)
     if all_models:
         checkpoints = [model.pretrain if pretrain else model.coco for model in zoo.MODELS.values() if pretrain or model.coco]
     else:
-        checkpoints = [zoo.get_checkpoint(name, pretrain) for name in names]
+        checkpoints = [zoo.get_checkpoint(name, pretrain, offers_pretrain=True) for name in names]
 
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         for checkpoint in checkpoints:
             bar = _Bar(progress, checkpoint.file_name)
-            path = fetch.ensure_file(checkpoint, bar, force=force, accept_new_digest=accept_new_digest)
+
+            def waiting(name: str = checkpoint.file_name) -> None:
+                progress.console.print(f"waiting for another download of {escape(name)} (up to {seconds:g} s)")
+
+            path = fetch.ensure_file(
+                checkpoint, bar, force=force, accept_new_digest=accept_new_digest, timeout=seconds, on_wait=waiting
+            )
+            trust = "pinned" if checkpoint.pinned else "first seen, trusted on first use"
             if bar.reported:
-                progress.console.print(f"[green]✓[/] {checkpoint.file_name} downloaded and verified: {path}")
+                progress.console.print(f"[green]✓[/] {checkpoint.file_name} downloaded and verified ({trust}): {escape(str(path))}")
             else:
                 progress.remove_task(bar.task)
-                progress.console.print(f"[green]✓[/] {checkpoint.file_name} already cached and verified: {path}")
+                progress.console.print(f"[green]✓[/] {checkpoint.file_name} already cached and verified ({trust}): {escape(str(path))}")
 
 
 class _Bar:
@@ -65,6 +79,6 @@ class _Bar:
         else:
             self.progress.update(self.task, total=total, completed=done)
         if done == total:
-            # Hashing is done; loading the file to check its structure comes next and takes a few seconds.
+            # Hashing is done; reading the file to check its structure comes next.
             self.progress.update(self.task, description=f"{self.name} (verifying)")
         self.last = done

@@ -14,7 +14,11 @@ STATUS_MARKS = {
     "missing": "[dim]–[/]",
     "failed": "[red]✗[/]",
 }
-LEGEND = "✓ verified  ? not verified yet  ✗ failed its check  – not cached"
+FIRST_SEEN_MARK = "*"
+LEGEND = (
+    "✓ verified against the zoo's pin  ✓* against the digest recorded when first downloaded (trust on first use)\n"
+    "? not verified yet  ✗ failed its check  – not cached"
+)
 METRIC_COLUMNS = (
     ("APᵇ", "box_ap"),
     ("AP₅₀ᵇ", "box_ap50"),
@@ -31,6 +35,7 @@ def list_models(
     """List RecNeXt models: published COCO box/mask AP and latency, and whether each file is cached and verified."""
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from recnext_cli import cache, fetch, zoo
@@ -44,6 +49,7 @@ def list_models(
             "url": fetch.download_url(checkpoint),
             "path": str(state.path),
             "status": state.status,
+            "trust": state.trust,
             "detail": state.detail,
         }
 
@@ -64,7 +70,9 @@ def list_models(
         typer.echo(json.dumps(rows, indent=2))
         return
 
-    caption = f"{LEGEND}\ncache: {cache.checkpoints_dir()}"
+    pinned = sum(checkpoint.pinned for checkpoint in zoo.CHECKPOINTS.values())
+    trust = f"{pinned} of {len(zoo.CHECKPOINTS)} files pinned" if pinned else "no file is pinned yet: all are trusted on first use"
+    caption = f"{LEGEND}\n{trust}; cache: {escape(str(cache.checkpoints_dir()))}"
     table = Table(box=box.SIMPLE_HEAD, caption=caption, caption_justify="left", collapse_padding=True, pad_edge=False)
     table.add_column("Model", no_wrap=True)
     for title, _ in METRIC_COLUMNS:
@@ -86,4 +94,7 @@ def _metric_cells(metrics: dict | None) -> list[str]:
 
 
 def _file_cell(entry: dict | None) -> str:
-    return STATUS_MARKS[entry["status"]] if entry else ""
+    if entry is None:
+        return ""
+    first_seen = entry["status"] == "verified" and entry["trust"] == "first seen"
+    return STATUS_MARKS[entry["status"]] + (FIRST_SEEN_MARK if first_seen else "")

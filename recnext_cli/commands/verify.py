@@ -12,19 +12,21 @@ def verify(
     pretrain: bool = typer.Option(False, "--pretrain", help="Check the named models' ImageNet pretraining checkpoints instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Re-hash cached checkpoints against their pinned or recorded SHA-256 and check their backbone keys and shapes.
+    """Re-hash cached checkpoints against the zoo's pin or, where none exists, the digest recorded when the file was
+    first seen, and check their backbone keys and shapes.
 
     A cached file with no recorded digest yet (copied in by hand) is checked the same way and its digest recorded.
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from recnext_cli import cache, fetch, zoo
 
     if names:
-        checkpoints = [zoo.get_checkpoint(name, pretrain) for name in names]
+        checkpoints = [zoo.get_checkpoint(name, pretrain, offers_pretrain=True) for name in names]
     else:
-        checkpoints = [c for c in zoo.CHECKPOINTS.values() if cache.checkpoint_path(c.file_name).is_file()]
+        checkpoints = [c for c in zoo.CHECKPOINTS.values() if fetch.cached_state(c).status != fetch.MISSING]
 
     console = Console(stderr=as_json)
     states = []
@@ -41,17 +43,21 @@ def verify(
                 "file_name": state.checkpoint.file_name,
                 "path": str(state.path),
                 "status": state.status,
+                "trust": state.trust,
                 "detail": state.detail,
             }
             for state in states
         ], indent=2))
     elif not states:
-        console.print(f"nothing cached in {cache.checkpoints_dir()}")
+        console.print(f"nothing cached in {escape(str(cache.checkpoints_dir()))}")
     else:
-        table = Table("File", "Status", "Detail")
+        table = Table("File", "Status", "Trust", "Detail")
         for state in states:
             mark = "[green]✓ verified[/]" if state.status == fetch.VERIFIED else f"[red]✗ {state.status}[/]"
-            table.add_row(state.checkpoint.file_name, mark, state.detail)
+            table.add_row(state.checkpoint.file_name, mark, state.trust, escape(state.detail))
         console.print(table)
+        if any(state.trust == fetch.FIRST_SEEN for state in states):
+            console.print("first seen: compared with the digest recorded at the first download (trust on first use); "
+                          "only files in the zoo's pin table are checked against a digest fixed in advance")
     if failed:
         raise typer.Exit(1)
