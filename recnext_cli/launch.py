@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from recnext_cli.errors import DatasetLayoutError, EnvironmentProblem, UsageError
+from recnext_cli import errors
+from recnext_cli.errors import DatasetLayoutError, EnvironmentProblem, RecnextError, UsageError
 
 LAUNCHERS = ("pytorch", "slurm", "none")
 DEVICES = ("cuda", "cpu")
 RUNNER_MODULES = {"test": "recnext_cli.runners.test", "train": "recnext_cli.runners.train"}
 # torchrun's own default; multi-node jobs need one port every node agrees on, so nothing is picked at random there.
 DEFAULT_MASTER_PORT = 29500
+# The launcher hands every worker a private folder of this run through this variable: workers leave their one-line
+# errors there (RUN_ERROR_GLOB) and rank 0 the test metrics (RUN_RESULT), for the launcher to read.
+RUN_DIR_ENV = "RECNEXT_RUN_DIR"
+RUN_ERROR_GLOB = "error-rank*.json"
+RUN_RESULT = "result.json"
+# The process a launcher starts gets this signal when the launcher dies, even by SIGKILL: torchrun and srun both
+# stop their workers on SIGTERM. (Linux prctl option PR_SET_PDEATHSIG.)
+PR_SET_PDEATHSIG = 1
 # torchrun gives its workers 30 s to stop after SIGTERM before it kills them; wait a little longer than that.
 STOP_GRACE_S = 45.0
 
@@ -36,7 +45,7 @@ class Topology:
 
     launcher: str
     nproc_per_node: int
-    device: str
+    device: str | None  # None until the GPUs of this machine have been counted
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str | None = None
@@ -67,9 +76,18 @@ def default_launcher(workers: int) -> str:
 
 
 def visible_gpus() -> int:
-    import torch
-
+    try:
+        import torch
+    except ImportError as exc:
+        raise EnvironmentProblem(f"cannot import torch in {sys.executable} ({exc}); run `recnext setup`") from None
     return torch.cuda.device_count()
+
+
+def parse_srun_args(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:
+        raise UsageError(f"--srun-args {text!r}: {exc}; quote the srun arguments as a shell would") from None
 
 
 def resolve_device(requested: str | None, gpus_visible: int, launcher: str) -> str:
@@ -88,25 +106,23 @@ def resolve_device(requested: str | None, gpus_visible: int, launcher: str) -> s
     return requested
 
 
-def check_topology(topology: Topology, gpus_visible: int) -> None:
-    """Refuse worker counts and launcher settings that cannot work, before anything starts."""
-    unit = "GPUs" if topology.device == "cuda" else "CPU worker processes"
+def check_options(topology: Topology) -> None:
+    """Refuse worker counts and launcher settings that cannot work anywhere (no GPU count needed, no torch import)."""
+    unit = {"cuda": "GPUs", "cpu": "CPU worker processes", None: "GPUs, or CPU worker processes with --device cpu"}
+    if topology.device not in (*DEVICES, None):
+        raise UsageError(f"--device {topology.device!r} is not one of {', '.join(DEVICES)}")
     if topology.launcher not in LAUNCHERS:
         raise UsageError(f"--launcher {topology.launcher!r} is not one of {', '.join(LAUNCHERS)}")
     if topology.nproc_per_node < 1:
-        raise UsageError(f"--gpus {topology.nproc_per_node}: need at least 1 ({unit} per node)")
+        raise UsageError(f"--gpus {topology.nproc_per_node}: need at least 1 ({unit[topology.device]} per node)")
     if topology.nnodes < 1:
         raise UsageError(f"--nnodes {topology.nnodes}: need at least 1")
     if not 0 <= topology.node_rank < topology.nnodes:
         raise UsageError(
             f"--node-rank {topology.node_rank} is outside 0..{topology.nnodes - 1} (--nnodes {topology.nnodes})"
         )
-    # Under Slurm the workers land on other machines: the GPUs of the one launching the job say nothing.
-    if topology.device == "cuda" and topology.launcher != "slurm" and topology.nproc_per_node > gpus_visible:
-        raise UsageError(
-            f"--gpus {topology.nproc_per_node}, but only {gpus_visible} GPU(s) are visible on this node "
-            "(check CUDA_VISIBLE_DEVICES, or use --device cpu for CPU workers)"
-        )
+    if topology.master_port is not None and not 1 <= topology.master_port <= 65535:
+        raise UsageError(f"--master-port {topology.master_port} is not a TCP port (1-65535)")
     if topology.launcher == "none" and topology.world_size > 1:
         raise UsageError(
             f"--launcher none runs one process, but --gpus {topology.nproc_per_node} x --nnodes {topology.nnodes} "
@@ -116,11 +132,15 @@ def check_topology(topology: Topology, gpus_visible: int) -> None:
         raise UsageError("--nnodes > 1 needs --master-addr: the address of node 0, the same on every node")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the kernel's pick for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def check_topology(topology: Topology, gpus_visible: int) -> None:
+    """Refuse worker counts and launcher settings that cannot work, on this machine, before anything starts."""
+    check_options(topology)
+    # Under Slurm the workers land on other machines: the GPUs of the one launching the job say nothing.
+    if topology.device == "cuda" and topology.launcher != "slurm" and topology.nproc_per_node > gpus_visible:
+        raise UsageError(
+            f"--gpus {topology.nproc_per_node}, but only {gpus_visible} GPU(s) are visible on this node "
+            "(check CUDA_VISIBLE_DEVICES, or use --device cpu for CPU workers)"
+        )
 
 
 def _worker_env(topology: Topology) -> dict[str, str]:
@@ -143,16 +163,20 @@ def build_plan(runner: str, runner_args: list[str], topology: Topology, python: 
     if topology.launcher == "none":
         return LaunchPlan((python, *worker), env)
     if topology.launcher == "pytorch":
-        master_addr = topology.master_addr or "127.0.0.1"
-        master_port = topology.master_port
-        if master_port is None:
-            master_port = free_port() if topology.nnodes == 1 else DEFAULT_MASTER_PORT
         torchrun = [
             python, "-m", "torch.distributed.run",
             "--nnodes", str(topology.nnodes), "--node-rank", str(topology.node_rank),
             "--nproc-per-node", str(topology.nproc_per_node),
-            "--master-addr", master_addr, "--master-port", str(master_port),
         ]
+        if topology.nnodes == 1 and topology.master_port is None:
+            # torchrun binds its rendezvous store to a port of the kernel's choosing and hands that very socket's
+            # port to the workers: no free-port probe that another process could take before torchrun binds it.
+            torchrun.append("--standalone")
+        else:
+            torchrun += [
+                "--master-addr", topology.master_addr or "127.0.0.1",
+                "--master-port", str(topology.master_port or DEFAULT_MASTER_PORT),
+            ]
         return LaunchPlan((*torchrun, *worker), env)
     srun = ["srun"]
     if topology.partition:
@@ -257,14 +281,59 @@ def _exited(proc: subprocess.Popen) -> bool:
     return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
-def run(plan: LaunchPlan, grace_s: float = STOP_GRACE_S) -> int:
+def _die_with_launcher():
+    """A preexec_fn tying the started process to this one: it gets SIGTERM when we die, SIGKILL included (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only makes one system call
+    launcher_pid = os.getpid()
+
+    def set_up() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != launcher_pid:  # we died between the fork and the prctl
+            os._exit(128 + signal.SIGTERM)
+
+    return set_up
+
+
+def job_error(run_dir: Path) -> RecnextError | None:
+    """The first one-line error a worker of the run reported, as the RecnextError subclass it was raised as."""
+    reports = []
+    for path in run_dir.glob(RUN_ERROR_GLOB):
+        try:
+            reports.append((path.stat().st_mtime_ns, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    if not reports:
+        return None
+    _, report = min(reports, key=lambda item: item[0])
+    kind = getattr(errors, str(report.get("type")), None)
+    if not (isinstance(kind, type) and issubclass(kind, RecnextError)):
+        kind = RecnextError
+    return kind(str(report.get("message")))
+
+
+def run(plan: LaunchPlan, run_dir: Path | None = None, grace_s: float = STOP_GRACE_S) -> int:
     """Run the plan in its own process group and return its exit status (128 + N when signal N stopped it).
 
-    Ctrl-C or SIGTERM asks the launcher to stop its workers (torchrun and srun both pass SIGTERM on); a second
-    signal, or `grace_s` without an exit, kills them. torchrun starts each worker in a session of its own, out of
-    reach of the group: every process seen below the launcher after a stop request is killed if it outlives it.
+    Ctrl-C, SIGTERM or SIGHUP asks the launcher to stop its workers (torchrun and srun both pass SIGTERM on); a
+    second signal, or `grace_s` without an exit, kills them. torchrun starts each worker in a session of its own, out
+    of reach of the group: every process seen below the launcher after a stop request is killed if it outlives it.
+    If this process is killed outright, the launcher gets SIGTERM from the kernel, and the workers watch their parent.
+
+    With `run_dir`, the workers report RecnextErrors there: the first report ends the whole job at once, before
+    torchrun prints a failure summary, and is raised here, so a job fails with one line whatever its size.
     """
-    proc = subprocess.Popen(plan.argv, env={**os.environ, **plan.env}, start_new_session=True)
+    env = {**os.environ, **plan.env}
+    if run_dir is not None:
+        env[RUN_DIR_ENV] = str(run_dir)
+    try:
+        proc = subprocess.Popen(plan.argv, env=env, start_new_session=True, preexec_fn=_die_with_launcher())
+    except FileNotFoundError:
+        hint = "; --launcher slurm needs a machine where Slurm's srun works" if plan.argv[0] == "srun" else ""
+        raise EnvironmentProblem(f"cannot start the job: {plan.argv[0]} is not on PATH{hint}") from None
     stop_requests: list[int] = []
     stopping: dict[int, int] = {}
 
@@ -281,10 +350,15 @@ def run(plan: LaunchPlan, grace_s: float = STOP_GRACE_S) -> int:
         else:
             force_stop()
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, request_stop) for sig in handled}
+    error = None
     try:
         first_request = None
         while not _exited(proc):
+            if run_dir is not None and (error := job_error(run_dir)):
+                force_stop()
+                break
             if stop_requests:
                 first_request = first_request or time.monotonic()
                 stopping.update(descendants(proc.pid))
@@ -302,13 +376,30 @@ def run(plan: LaunchPlan, grace_s: float = STOP_GRACE_S) -> int:
         returncode = proc.wait()
     if stop_requests:
         return 128 + stop_requests[0]
+    error = error or (job_error(run_dir) if run_dir is not None else None)
+    if error is not None:
+        raise error
     return 128 - returncode if returncode < 0 else returncode
 
 
 def require_runner_stack() -> None:
-    """Fail early, in the launching process, when the workers could not import mmcv/mmdet."""
+    """Fail early, in the launching process, when the workers could not import torch/mmcv/mmdet or load safely."""
+    import importlib.metadata
     import importlib.util
 
-    missing = [name for name in ("mmcv", "mmdet") if importlib.util.find_spec(name) is None]
+    from packaging.version import InvalidVersion, Version
+
+    from recnext_cli.compat.checkpoint import MIN_SAFE_TORCH
+
+    missing = [name for name in ("torch", "mmcv", "mmdet") if importlib.util.find_spec(name) is None]
     if missing:
         raise EnvironmentProblem(f"{' and '.join(missing)} not installed in {sys.executable}; run `recnext setup`")
+    try:
+        torch_version = Version(importlib.metadata.version("torch"))
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        return  # a source build without metadata: the workers' own check still refuses an old torch
+    if torch_version < Version(MIN_SAFE_TORCH):
+        raise EnvironmentProblem(
+            f"torch {torch_version} in {sys.executable} cannot load checkpoints safely (weights-only loading needs "
+            f"torch >= {MIN_SAFE_TORCH}); run `recnext setup` to install the pinned torch"
+        )

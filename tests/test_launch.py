@@ -6,7 +6,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -39,12 +38,14 @@ def test_torchrun_plan_is_the_documented_command_line():
     assert plan.env == {}
 
 
-def test_single_node_torchrun_picks_a_free_port_and_multi_node_a_fixed_one():
+def test_single_node_torchrun_binds_its_own_port_and_multi_node_a_fixed_one():
     single = build_plan("train", [], Topology("pytorch", nproc_per_node=2, device="cuda"), python="py")
-    port = int(single.argv[single.argv.index("--master-port") + 1])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))  # still free right after planning
-    assert single.argv[single.argv.index("--master-addr") + 1] == "127.0.0.1"
+    # No port probed here and bound later by torchrun (another process could take it in between): torchrun's
+    # standalone rendezvous binds port 0 itself and hands that socket's port to its workers.
+    assert "--standalone" in single.argv and "--master-port" not in single.argv
+    fixed = build_plan("train", [], Topology("pytorch", 2, "cuda", master_port=29601), python="py")
+    assert fixed.argv[fixed.argv.index("--master-port") + 1] == "29601" and "--standalone" not in fixed.argv
+    assert fixed.argv[fixed.argv.index("--master-addr") + 1] == "127.0.0.1"
     multi = build_plan("train", [], Topology("pytorch", 2, "cuda", nnodes=2, master_addr="node0"), python="py")
     assert multi.argv[multi.argv.index("--master-port") + 1] == str(launch.DEFAULT_MASTER_PORT)
 

@@ -545,14 +545,14 @@ def test_multi_gpu_build_uses_sync_bn_and_still_initialises(mmdet_models, tmp_pa
     from recnext_cli.models import config_file, set_pretrain_checkpoint
     from recnext_cli.nn import sync_bn
 
-    # What a torchrun worker on a CUDA machine sees; conversion itself needs neither.
+    # What a torchrun worker of a CUDA run sees; conversion itself needs neither GPUs nor a process group.
     monkeypatch.setattr(sync_bn, "distributed_world_size", lambda: 8)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     path = tmp_path / "recnext_a3_distill_300e.pth"
     state = _imagenet_checkpoint(path, "a3")
     cfg = mmcv.Config.fromfile(str(config_file("a3")))
     set_pretrain_checkpoint(cfg, path)
-    detector = mmdet_models.build_detector(cfg.model)
+    with sync_bn.run_device("cuda"):
+        detector = mmdet_models.build_detector(cfg.model)
     assert _count(detector.backbone, nn.BatchNorm2d) == 0 and _count(detector.backbone, nn.SyncBatchNorm) > 0
     detector.init_weights()
     loaded = detector.backbone.state_dict()

@@ -38,12 +38,17 @@ def infer(
     from rich.markup import escape
 
     from recnext_cli import infer as library
-    from recnext_cli.commands.test import resolved_files
+    from recnext_cli.commands.test import local_checkpoint, model_files
     from recnext_cli.errors import RecnextError, UsageError
 
+    config_path, checkpoint = model_files(name, config, checkpoint, dry_run=False, notes=[])
+    # Before anything is downloaded or built: a run with no image to read would do all that for nothing.
+    if not any(path.is_file() for path in images):
+        missing = images[0] if len(images) == 1 else f"any of {len(images)} paths (first: {images[0]})"
+        raise UsageError(f"no image file at {missing}; check the path")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; name a folder for the drawings")
-    config_path, checkpoint_path = resolved_files(name, config, checkpoint, dry_run=False, notes=[])
+    checkpoint_path = local_checkpoint(checkpoint, dry_run=False, notes=[])
     detector = library.load_detector(config_path, checkpoint_path, device)
     errors = Console(stderr=True, highlight=False)
     drawn: list[tuple[library.ImageResult, Path]] = []

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import shlex
+import dataclasses
+import json
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,6 +15,10 @@ from typer.core import TyperCommand
 
 # What mmdet 2.28's CocoDataset.evaluate computes.
 COCO_METRICS = ("bbox", "segm", "proposal", "proposal_fast")
+# NAME becomes a folder under work_dirs/: no separators, no "..", nothing a shell or a file system reads specially.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]{0,63}")
+FP16_ON_CPU = ("--fp16 runs on CUDA only (mmcv's fp16 mode autocasts through torch.cuda.amp); "
+               "drop --fp16 to test on the CPU")
 
 
 def expand_variadic(args: list[str], names: tuple[str, ...]) -> list[str]:
@@ -83,30 +90,54 @@ DetectorCheckpoint = Annotated[Optional[Path], typer.Option(
 )]
 
 
-def launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args):
-    """Check the launcher options against this machine and return them as a launch.Topology."""
+def checked_name(name: str) -> str:
+    """NAME, once it is safe as a folder name: it becomes work_dirs/NAME, which must stay inside work_dirs/."""
+    from recnext_cli.errors import UsageError
+
+    if not NAME_PATTERN.fullmatch(name):
+        raise UsageError(
+            f"model name {name!r}: use a zoo name (m3, a4, ...) or, with --config, a label of letters, digits, "
+            "'.', '_', '+' and '-' (at most 64, not starting with '.' or '-'); it names the folder work_dirs/NAME"
+        )
+    return name
+
+
+def launch_options(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args):
+    """The launcher options as a launch.Topology, checked as far as they can be without counting GPUs (no torch)."""
     from recnext_cli import launch
 
-    launcher = launcher or launch.default_launcher(gpus * nnodes)
-    # Counting GPUs imports torch: only a run on this machine's GPUs needs it.
-    gpus_visible = 0 if device == "cpu" or launcher == "slurm" else launch.visible_gpus()
     topology = launch.Topology(
-        launcher=launcher,
+        launcher=launcher or launch.default_launcher(gpus * nnodes),
         nproc_per_node=gpus,
-        device=launch.resolve_device(device, gpus_visible, launcher),
+        device=device,
         nnodes=nnodes,
         node_rank=node_rank,
         master_addr=master_addr,
         master_port=master_port,
         partition=partition,
-        srun_args=tuple(shlex.split(srun_args)),
+        srun_args=launch.parse_srun_args(srun_args),
     )
+    launch.check_options(topology)
+    return topology
+
+
+def on_this_machine(topology, dry_run: bool):
+    """`topology` with its device settled against this machine's GPUs, once the worker stack is known to be here."""
+    from recnext_cli import launch
+
+    if not dry_run:
+        launch.require_runner_stack()
+    # Counting GPUs imports torch: only a run on this machine's GPUs needs it.
+    launcher = topology.launcher
+    gpus_visible = 0 if topology.device == "cpu" or launcher == "slurm" else launch.visible_gpus()
+    topology = dataclasses.replace(topology, device=launch.resolve_device(topology.device, gpus_visible, launcher))
     launch.check_topology(topology, gpus_visible)
     return topology
 
 
-def run_or_show(runner: str, runner_args: list[str], topology, notes: list[str], dry_run: bool) -> None:
-    """Print the plan for --dry-run; otherwise run it and exit with the job's status when it fails."""
+def run_or_show(runner: str, runner_args: list[str], topology, notes: list[str], dry_run: bool,
+                run_dir: Path | None = None) -> None:
+    """Print the plan for --dry-run; otherwise run it (workers report to `run_dir`) and exit with its failed status."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -120,12 +151,11 @@ def run_or_show(runner: str, runner_args: list[str], topology, notes: list[str],
         # The command goes to stdout unwrapped and unstyled, so it can be copied or captured as it is.
         typer.echo(plan.shell())
         return
-    launch.require_runner_stack()
     console.print(
         f"starting {topology.world_size} {topology.device} worker(s) with launcher {topology.launcher}", soft_wrap=True
     )
     started = time.monotonic()
-    status = launch.run(plan)
+    status = launch.run(plan, run_dir)
     if status != 0:
         console.print(f"[bold red]{runner} job failed[/] (exit {status}) after {time.monotonic() - started:.0f}s")
         raise typer.Exit(status)
@@ -178,23 +208,33 @@ def fetched(checkpoint, dry_run: bool, notes: list[str]) -> Path:
         return fetch.ensure_file(checkpoint, lambda done, total: progress.update(task, completed=done, total=total))
 
 
-def resolved_files(name: str, config: Path | None, checkpoint: Path | None, dry_run: bool, notes: list[str]):
-    """(config, checkpoint) for NAME: yours when given, else the zoo's (downloaded and verified unless --dry-run)."""
+def model_files(name: str, config: Path | None, checkpoint: Path | None, dry_run: bool, notes: list[str]):
+    """(config, checkpoint) for NAME before any download: the checkpoint is your file, or the zoo record to fetch.
+
+    Checks the cheapest and most specific things first: the name against the zoo, then that your files exist.
+    """
     from recnext_cli import zoo
     from recnext_cli.errors import UnknownModelError, UsageError
 
+    checked_name(name)
     if checkpoint is None:
         try:
-            record = zoo.get_checkpoint(name)
+            checkpoint = zoo.get_checkpoint(name)
         except UnknownModelError as exc:
             if config is None:
                 raise
             raise UsageError(f"{exc}; a --config outside the zoo also needs --checkpoint") from None
-        checkpoint = fetched(record, dry_run, notes)
-    else:
-        checkpoint = existing_file(checkpoint, "--checkpoint", dry_run, notes)
+    elif config is None:
+        zoo.config_path(name)  # an unknown name says so before any file is looked at
     config = existing_file(config, "--config", dry_run, notes) if config else zoo.config_path(name)
-    return config, checkpoint.resolve()
+    if isinstance(checkpoint, Path):
+        checkpoint = existing_file(checkpoint, "--checkpoint", dry_run, notes)
+    return config, checkpoint
+
+
+def local_checkpoint(checkpoint, dry_run: bool, notes: list[str]) -> Path:
+    """The path of `checkpoint` (from model_files): yours as it is, a zoo record's once downloaded and verified."""
+    return checkpoint if isinstance(checkpoint, Path) else fetched(checkpoint, dry_run, notes).resolve()
 
 
 def test(
@@ -247,12 +287,15 @@ def test(
     if evaluator not in EVALUATORS:
         raise UsageError(f"--evaluator {evaluator}: use one of {', '.join(EVALUATORS)}")
     notes: list[str] = []
-    topology = launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
-    if fp16 and topology.device != "cuda":
-        raise UsageError("--fp16 runs on CUDA only (mmcv's fp16 mode autocasts through torch.cuda.amp); "
-                         "drop --fp16 to test on the CPU")
+    topology = launch_options(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
+    if fp16 and topology.device == "cpu":
+        raise UsageError(FP16_ON_CPU)
+    config_path, checkpoint = model_files(name, config, checkpoint, dry_run, notes)
     data_root = checked_dataset(data_root, "test", dry_run, notes)
-    config_path, checkpoint_path = resolved_files(name, config, checkpoint, dry_run, notes)
+    topology = on_this_machine(topology, dry_run)
+    if fp16 and topology.device != "cuda":
+        raise UsageError(FP16_ON_CPU)
+    checkpoint_path = local_checkpoint(checkpoint, dry_run, notes)
     out = (out or Path("work_dirs") / name / "test_result.json").resolve()
     runner_args = [
         str(config_path), "--checkpoint", str(checkpoint_path), "--data-root", str(data_root),
@@ -263,22 +306,32 @@ def test(
         runner_args += ["--evaluator", evaluator]
     if cfg_options:
         runner_args += ["--cfg-options", *cfg_options]
-    run_or_show("test", runner_args, topology, notes, dry_run)
-    if not dry_run:
-        show_result(out, topology)
+    from recnext_cli.launch import RUN_RESULT
+
+    with tempfile.TemporaryDirectory(prefix="recnext-test-") as run_dir:
+        run_or_show("test", runner_args, topology, notes, dry_run, Path(run_dir))
+        if not dry_run:
+            show_result(out, Path(run_dir) / RUN_RESULT, topology)
 
 
-def show_result(out: Path, topology) -> None:
-    """Print the README-format row of the metrics rank 0 wrote (only where rank 0's files are: node 0 or Slurm)."""
-    import json
-
+def show_result(out: Path, run_result: Path, topology) -> None:
+    """Print the README-format row of this run's metrics: rank 0's copy in the run folder when rank 0 ran on this
+    machine, else --out (Slurm: written on the job's first node, found here on a shared disk)."""
     from recnext_cli import results
+    from recnext_cli.errors import UsageError
 
     if topology.launcher == "pytorch" and topology.node_rank != 0:
-        return
-    metrics = json.loads(out.read_text())["metrics"]
+        return  # rank 0 runs on node 0, which prints the table
+    source = run_result if run_result.is_file() else out
+    if not source.is_file():
+        raise UsageError(
+            f"the job finished, but its metrics file {out} is not on this machine: rank 0 wrote it on the job's "
+            "first node; pass an --out on a disk this machine shares with it, or copy the file here and run "
+            "`recnext results` on it"
+        )
+    metrics = json.loads(source.read_text())["metrics"]
     if all(key in metrics for key in results.METRICS):
-        typer.echo(results.markdown_table([results.read_result_file(out)]), nl=False)
+        typer.echo(results.markdown_table([results.read_result_file(source)]), nl=False)
     else:
         # The README row needs both bbox and segm; with fewer metrics, show what was computed.
         for key, value in metrics.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,28 +24,33 @@ from recnext_cli.commands.test import (
     Partition,
     SrunArgs,
     checked_dataset,
+    checked_name,
     existing_file,
     fetched,
-    launch_topology,
+    launch_options,
+    on_this_machine,
     run_or_show,
 )
 
 
-def resolved_files(name: str, config: Path | None, dry_run: bool, notes: list[str]) -> tuple[Path, Path | None]:
-    """(config, ImageNet pretrain) for NAME: the zoo's, or your config with the zoo pretrain when NAME is in the zoo."""
+def model_files(name: str, config: Path | None, dry_run: bool, notes: list[str]):
+    """(config, zoo pretrain record or None) for NAME: the zoo's, or your config with the zoo pretrain when NAME is in
+    the zoo. Checks the name before your config file, and downloads nothing."""
     from recnext_cli import zoo
     from recnext_cli.errors import UnknownModelError
 
-    if config:
-        config = existing_file(config, "--config", dry_run, notes)
+    checked_name(name)
     try:
         record = zoo.get_checkpoint(name, pretrain=True)
     except UnknownModelError:
         if config is None:
             raise
-        notes.append(f"{name!r} is not in the zoo: the backbone starts from what {config.name} itself says")
-        return config, None
-    return config or zoo.config_path(name), fetched(record, dry_run, notes).resolve()
+        record = None
+    if config:
+        config = existing_file(config, "--config", dry_run, notes)
+        if record is None:
+            notes.append(f"{name!r} is not in the zoo: the backbone starts from what {config.name} itself says")
+    return config or zoo.config_path(name), record
 
 
 def train(
@@ -87,11 +93,13 @@ def train(
             "--resume-from and --auto-resume exclude each other: name a checkpoint, or let the work dir decide"
         )
     notes: list[str] = []
-    topology = launch_topology(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
-    data_root = checked_dataset(data_root, "train", dry_run, notes)
-    config_path, pretrain = resolved_files(name, config, dry_run, notes)
+    topology = launch_options(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
+    config_path, pretrain_record = model_files(name, config, dry_run, notes)
     if resume_from:
         resume_from = existing_file(resume_from, "--resume-from", dry_run, notes)
+    data_root = checked_dataset(data_root, "train", dry_run, notes)
+    topology = on_this_machine(topology, dry_run)
+    pretrain = fetched(pretrain_record, dry_run, notes).resolve() if pretrain_record else None
     work_dir = (work_dir or Path("work_dirs") / name).resolve()
     runner_args = [
         str(config_path), "--data-root", str(data_root), "--device", topology.device,
@@ -105,6 +113,7 @@ def train(
         runner_args.append("--auto-resume")
     if cfg_options:
         runner_args += ["--cfg-options", *cfg_options]
-    run_or_show("train", runner_args, topology, notes, dry_run)
+    with tempfile.TemporaryDirectory(prefix="recnext-train-") as run_dir:
+        run_or_show("train", runner_args, topology, notes, dry_run, Path(run_dir))
     if not dry_run:
         typer.echo(f"checkpoints and logs (mmdet's *.log.json included) in {work_dir}", err=True)

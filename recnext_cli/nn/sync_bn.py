@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+# The device of the run building models in this context (its config's `device`), set by recnext's workers.
+_RUN_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("recnext_run_device", default=None)
+
+
+@contextlib.contextmanager
+def run_device(device: str) -> Iterator[None]:
+    """Models built inside this block belong to a run on `device` ('cuda' or 'cpu'), whatever GPUs are visible."""
+    token = _RUN_DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _RUN_DEVICE.reset(token)
 
 
 def distributed_world_size() -> int:
@@ -14,9 +31,9 @@ def distributed_world_size() -> int:
     return 1
 
 
-def should_sync_bn(world_size: int, device: torch.device | str) -> bool:
+def should_sync_bn(world_size: int, device: torch.device | str | None) -> bool:
     """SyncBatchNorm only pays off with several processes, and its training forward has no CPU kernel."""
-    return world_size > 1 and torch.device(device).type == "cuda"
+    return world_size > 1 and device is not None and torch.device(device).type == "cuda"
 
 
 def maybe_sync_bn(
@@ -26,13 +43,14 @@ def maybe_sync_bn(
 
     The published detection backbone converts unconditionally, which breaks single-process and CPU runs;
     here a run keeps plain BatchNorm unless `should_sync_bn` holds. `world_size` defaults to the initialised
-    process group's size and `device` to CUDA when a GPU is visible, which is where mmdet's runner puts the
-    model. Children are replaced in place; the returned module is `module` unless `module` is itself a BatchNorm.
+    process group's size and `device` to the one the enclosing `run_device` block names: a worker started with
+    `--device cpu` keeps BatchNorm on a machine with GPUs, and a model built outside any run keeps it too.
+    Children are replaced in place; the returned module is `module` unless `module` is itself a BatchNorm.
     """
     if world_size is None:
         world_size = distributed_world_size()
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _RUN_DEVICE.get()
     if not should_sync_bn(world_size, device):
         return module
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)

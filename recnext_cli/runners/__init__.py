@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import signal
+import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
-from recnext_cli.errors import EnvironmentProblem
-from recnext_cli.launch import DEVICES, LAUNCHERS
+from recnext_cli.errors import EnvironmentProblem, RecnextError
+from recnext_cli.launch import DEVICES, LAUNCHERS, RUN_DIR_ENV
+
+# How long a worker that reported an error waits for the launcher to end the job before it exits by itself (the
+# launcher polls ten times a second; under srun it may be on another machine and never see the report).
+REPORT_WAIT_S = 30.0
+PARENT_POLL_S = 0.5
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,8 +109,59 @@ def quiet_worker_output() -> None:
     get_logger("mmcv").setLevel(logging.WARNING)
 
 
+def die_with_parent() -> None:
+    """End this worker when the process that started it (torchrun, srun's step daemon, recnext) is gone.
+
+    torchrun stops its workers when it is asked to, but a torchrun killed outright leaves them to init, running
+    on; a daemon thread watching the parent pid ends the worker within PARENT_POLL_S of that.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="recnext-parent-watch", daemon=True).start()
+
+
+def report_error(exc: RecnextError) -> None:
+    """Hand `exc` to the launcher as one line for the whole job; without a launcher, print that line here."""
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if not run_dir or not os.path.isdir(run_dir):
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return
+    report = json.dumps({"type": type(exc).__name__, "message": str(exc), "rank": os.environ.get("RANK", "0")})
+    with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".report-", delete=False) as file:
+        file.write(report)
+    os.replace(file.name, os.path.join(run_dir, f"error-rank{os.environ.get('RANK', '0')}.json"))
+    # The launcher ends the job as soon as it reads the report; exiting first would let torchrun print a failure
+    # summary, and each other rank its own traceback, before that.
+    time.sleep(REPORT_WAIT_S)
+
+
+def run_worker(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a worker's `main`: a RecnextError it raises ends the job with one line and exit status 2."""
+    try:
+        return main(argv)
+    except RecnextError as exc:
+        report_error(exc)
+        return 2
+
+
+def build_detector(cfg, device: str):
+    """mmdet's build_detector for `cfg.model`, SyncBatchNorm or not decided by the run's device, not by the GPUs seen."""
+    from mmdet.models import build_detector as mmdet_build_detector
+
+    from recnext_cli.nn.sync_bn import run_device
+
+    with run_device(device):
+        return mmdet_build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+
+
 def prepare_worker(launcher: str) -> None:
-    """Join the job's environment, apply the in-process mmcv/mmdet fixes, register the RecNeXt backbones."""
+    """Watch the parent, join the job's environment, apply the mmcv/mmdet fixes, register the RecNeXt backbones."""
+    die_with_parent()
     join_job(launcher)
     quiet_worker_output()
     from recnext_cli import compat

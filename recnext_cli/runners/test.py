@@ -7,10 +7,13 @@ import json
 import numbers
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from recnext_cli.compat.evaluator import EVALUATORS
-from recnext_cli.runners import add_common_arguments, load_config, prepare_worker
+from recnext_cli.errors import IntegrityError
+from recnext_cli.launch import RUN_DIR_ENV, RUN_RESULT
+from recnext_cli.runners import add_common_arguments, build_detector, load_config, prepare_worker, run_worker
 
 # Keys of a config's `evaluation` dict that configure mmdet's EvalHook, not dataset.evaluate().
 EVAL_HOOK_KEYS = ("interval", "tmpdir", "start", "gpu_collect", "save_best", "rule", "dynamic_intervals", "by_epoch")
@@ -30,11 +33,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.fp16 and args.device != "cuda":
         parser.error("--fp16 needs --device cuda: mmcv's fp16 mode autocasts through torch.cuda.amp")
     return args
-
-
-def collection_dir(out: Path) -> Path:
-    """Where ranks leave their partial results for rank 0; beside the output, so one shared disk serves every node."""
-    return out.parent / f".{out.name}.parts"
 
 
 def metrics_record(model_name: str, metrics: dict, checkpoint: str, config: str) -> dict:
@@ -61,20 +59,69 @@ def fuse_batch_norms(detector, device: str):
 
 
 def write_json(path: Path, record: dict) -> None:
+    """Write `record` to `path` in one step; the temporary name is this writer's own, so two runs never mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False) as file:
+        file.write(json.dumps(record, indent=2) + "\n")
+    try:
+        os.replace(file.name, path)
+    except OSError:
+        os.unlink(file.name)
+        raise
+
+
+def predict_part(model, data_loader, rank: int, world_size: int) -> list:
+    """This rank's share of the predictions, masks RLE-encoded, in its sampler's order (as mmdet's multi_gpu_test)."""
+    import mmcv
+    import torch
+    from mmdet.core import encode_mask_results
+
+    model.eval()
+    part = []
+    progress = mmcv.ProgressBar(len(data_loader.dataset)) if rank == 0 else None
+    for data in data_loader:
+        with torch.no_grad():
+            result = model(return_loss=False, rescale=True, **data)
+        if isinstance(result[0], tuple):
+            result = [(boxes, encode_mask_results(masks)) for boxes, masks in result]
+        part.extend(result)
+        if progress is not None:
+            for _ in range(len(result) * world_size):
+                progress.update()
+    return part
+
+
+def gather_results(part: list, size: int) -> list | None:
+    """Every rank's part, through the process group, in dataset order on rank 0 (None on the others).
+
+    No shared folder is needed, whichever machines the ranks run on. The distributed sampler hands rank r the
+    indices r, r + world_size, …, padded at the end, so interleaving the parts restores the dataset order.
+    """
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(part, parts, dst=0)
+    if parts is None:
+        return None
+    ordered = [result for group in zip(*parts) for result in group]
+    return ordered[:size]
+
+
+def load_weights(model, checkpoint_path: str) -> dict:
+    from mmcv.runner import load_checkpoint
+
+    try:
+        return load_checkpoint(model, checkpoint_path, map_location="cpu")
+    except RuntimeError as exc:  # mmcv's "No state_dict found in checkpoint file": a file that is not a dict
+        raise IntegrityError(f"--checkpoint {checkpoint_path}: {exc}; pass an mmdet detector checkpoint") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_worker(args.launcher)
     import torch.distributed as dist
-    from mmcv.runner import load_checkpoint
-    from mmdet.apis import multi_gpu_test, single_gpu_test
+    from mmdet.apis import single_gpu_test
     from mmdet.datasets import build_dataloader, build_dataset, replace_ImageToTensor
-    from mmdet.models import build_detector
     from mmdet.utils import build_ddp, build_dp, compat_cfg, setup_multi_processes
 
     from recnext_cli import compat
@@ -101,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = build_dataset(cfg.data.test)
     data_loader = build_dataloader(dataset, **loader_args)
 
-    model = build_detector(cfg.model, test_cfg=cfg.get("test_cfg"))
-    checkpoint = load_checkpoint(model, args.checkpoint, map_location="cpu")
+    model = build_detector(cfg, args.device)
+    checkpoint = load_weights(model, args.checkpoint)
     model.CLASSES = checkpoint.get("meta", {}).get("CLASSES", dataset.CLASSES)
     if args.fuse_conv_bn:
         model = fuse_batch_norms(model, args.device)
@@ -114,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         wrap_fp16_model(model)
     if distributed:
         model = build_ddp(model, args.device, device_ids=[int(os.environ["LOCAL_RANK"])], broadcast_buffers=False)
-        outputs = multi_gpu_test(model, data_loader, tmpdir=str(collection_dir(args.out)), gpu_collect=False)
+        outputs = gather_results(predict_part(model, data_loader, rank, dist.get_world_size()), len(dataset))
     else:
         model = build_dp(model, args.device, device_ids=[0])
         outputs = single_gpu_test(model, data_loader)
@@ -124,11 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         eval_args = {k: v for k, v in cfg.get("evaluation", {}).items() if k not in EVAL_HOOK_KEYS}
         eval_args["metric"] = args.metrics
         metrics = dataset.evaluate(outputs, **eval_args)
-        write_json(args.out, metrics_record(args.model_name, metrics, args.checkpoint, args.config))
+        record = metrics_record(args.model_name, metrics, args.checkpoint, args.config)
+        write_json(args.out, record)
+        run_dir = os.environ.get(RUN_DIR_ENV)
+        if run_dir and os.path.isdir(run_dir):
+            # This run's own copy for the launcher, which is on this machine: another run may replace --out meanwhile.
+            write_json(Path(run_dir) / RUN_RESULT, record)
     if distributed:
         dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_worker(main))

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from recnext_cli.runners import add_common_arguments, load_config, prepare_worker
+from recnext_cli.runners import add_common_arguments, build_detector, load_config, prepare_worker, run_worker
 
 STAGING_PREFIX = ".saving-"
 
@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     from mmdet import __version__ as mmdet_version
     from mmdet.apis import set_random_seed, train_detector
     from mmdet.datasets import build_dataset
-    from mmdet.models import build_detector
     from mmdet.utils import get_root_logger, setup_multi_processes
 
     from recnext_cli import compat
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(f"distributed: {distributed} ({world_size} x {args.device}), seed {args.seed}")
     set_random_seed(args.seed)
 
-    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    model = build_detector(cfg, cfg.device)
     model.init_weights()
     datasets = [build_dataset(cfg.data.train)]
     model.CLASSES = datasets[0].CLASSES
@@ -123,4 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_worker(main))
