@@ -86,17 +86,28 @@ def init_distributed(device: str) -> tuple[int, int]:
     """Join the process group torchrun (or our Slurm runner) described in the environment; (rank, world_size).
 
     mmcv's init_dist('pytorch') always picks NCCL and calls torch.cuda.set_device, so it cannot start without GPUs:
-    CPU workers use gloo and leave CUDA alone.
+    CPU workers use gloo and leave CUDA alone. A CUDA worker drives GPU LOCAL_RANK modulo the GPUs it sees, as
+    mmcv's own Slurm start-up does: with one GPU bound per Slurm task every task sees only cuda:0. LOCAL_RANK is
+    then rewritten to that index, as mmcv does too, because mmdet's train_detector reads it as the DDP device id.
     """
     import torch
     import torch.distributed as dist
+
+    from recnext_cli.errors import EnvironmentProblem
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        gpus = torch.cuda.device_count()
+        if gpus < 1:
+            raise EnvironmentProblem(
+                "--device cuda, but this worker sees no CUDA GPU (check CUDA_VISIBLE_DEVICES and the job's GPU binding)"
+            )
+        index = int(os.environ.get("LOCAL_RANK", 0)) % gpus
+        os.environ["LOCAL_RANK"] = str(index)
+        torch.cuda.set_device(index)
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
