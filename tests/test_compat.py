@@ -19,14 +19,15 @@ pytest.importorskip("mmcv.ops")
 from recnext_cli import compat  # noqa: E402
 from recnext_cli.compat import checkpoint, ddp, ops, scatter  # noqa: E402
 from recnext_cli.compat._util import original_of  # noqa: E402
-from recnext_cli.launch import free_port  # noqa: E402
+from recnext_cli.errors import IntegrityError  # noqa: E402
 
 
 @pytest.fixture
 def gloo_world_of_one():
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    # Port 0: the store binds a port of the kernel's choosing, so no probed port can be taken in between.
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -109,8 +110,10 @@ def test_checkpoint_with_numpy_meta_needs_fix_and_loads_with_it(monkeypatch, tmp
 
     hostile = tmp_path / "hostile.pth"
     torch.save({"meta": {"x": Payload()}, "state_dict": model.state_dict()}, hostile)
-    with pytest.raises(pickle.UnpicklingError, match="Unsupported global: GLOBAL print"):
+    # Refused by the safe unpickler, and reported as one line for the user rather than torch's pages of advice.
+    with pytest.raises(IntegrityError, match="Unsupported global: GLOBAL print") as refused:
         load_checkpoint(model, str(hostile), map_location="cpu")
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError) and "\n" not in str(refused.value)
 
 
 def test_cpu_distributed_needs_fix(monkeypatch, gloo_world_of_one, tmp_path):
@@ -137,7 +140,7 @@ def test_cpu_distributed_needs_fix(monkeypatch, gloo_world_of_one, tmp_path):
 def test_cpu_distributed_two_gloo_workers_train_and_collect(tmp_path):
     worker = Path(__file__).with_name("compat_ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            str(worker), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
