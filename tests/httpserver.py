@@ -158,8 +158,8 @@ class FileServer:
         except OSError:  # the client hung up: nothing more to send
             handler.close_connection = True
             return
-        if limit < len(payload):
-            handler.close_connection = True
+        if limit < len(payload) or fault.content_length is not None:
+            handler.close_connection = True  # a body that ended short of what was announced can only end by closing
         if fault.cut_after is not None:
             # Give the client time to take the bytes off the wire, then reset: linger 0 makes close() send RST.
             time.sleep(0.05)
