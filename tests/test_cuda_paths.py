@@ -108,9 +108,11 @@ def test_a_cpu_worker_on_a_gpu_machine_builds_its_detector_with_plain_batchnorm(
     pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
     import mmcv
 
-    from recnext_cli import runners
+    from recnext_cli import compat, runners
 
-    runners.prepare_worker("none")
+    compat.apply_all()
+    import recnext_cli.models  # noqa: F401  (registers the RecNeXt backbones, as every worker does)
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(sync_bn, "distributed_world_size", lambda: 2)
     cfg = mmcv.Config.fromfile(str(TINY))

@@ -302,7 +302,7 @@ time.sleep(60)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGHUP,), (signal.SIGINT, signal.SIGINT)])
 def test_stopping_the_wrapper_leaves_no_worker_behind(tmp_path, signals):
     pid_file = tmp_path / "worker.pid"
     wrapper = textwrap.dedent(f"""
@@ -333,6 +333,111 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"  # a zombie has exited and only waits for its new parent to collect it
+
+
+def _wait_for_pid_file(path: Path, proc: subprocess.Popen) -> int:
+    deadline = time.monotonic() + 20
+    while not path.exists() or not path.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _running(pid)
+
+
+def test_the_started_launcher_gets_sigterm_when_recnext_is_killed_outright(tmp_path):
+    # SIGKILL cannot be caught: the kernel passes the launcher SIGTERM instead (PR_SET_PDEATHSIG), as torchrun needs.
+    pid_file = tmp_path / "launcher.pid"
+    launcher = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    wrapper = textwrap.dedent(f"""
+        import sys
+        from recnext_cli import launch
+        sys.exit(launch.run(launch.LaunchPlan((sys.executable, "-c", {launcher!r}), {{}})))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", wrapper])
+    started = _wait_for_pid_file(pid_file, proc)
+    proc.kill()
+    proc.wait()
+    assert _gone_within(started, 5)
+
+
+def test_a_worker_ends_when_its_parent_is_killed_outright(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    worker = textwrap.dedent(f"""
+        import os, time
+        from recnext_cli.runners import die_with_parent
+        die_with_parent()
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        time.sleep(60)
+    """)
+    # The parent starts the worker in a session of its own and ignores SIGTERM, as a stuck torchrun might.
+    parent = textwrap.dedent(f"""
+        import signal, subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", {worker!r}], start_new_session=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    worker_pid = _wait_for_pid_file(pid_file, proc)
+    proc.kill()
+    proc.wait()
+    assert _gone_within(worker_pid, 5)
+
+
+# A worker whose `main` raises a RecnextError, run by the worker wrapper every runner module uses.
+FAILING_WORKER = """
+import os, sys
+from recnext_cli.errors import {kind}
+from recnext_cli.runners import run_worker
+def main(argv):
+    if os.environ.get("RANK", "0") in {ranks!r}:
+        raise {kind}("rank " + os.environ.get("RANK", "0") + " refuses")
+    import time; time.sleep(60)
+sys.exit(run_worker(main))
+"""
+
+
+def test_a_worker_error_ends_the_job_at_once_and_is_raised_by_the_launcher(tmp_path):
+    code = FAILING_WORKER.format(kind="UsageError", ranks=("0",))
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="^rank 0 refuses$"):
+        launch.run(launch.LaunchPlan((sys.executable, "-c", code), {}), run_dir=tmp_path)
+    # Well before the worker's own fallback exit: the launcher read the report and ended the job.
+    assert time.monotonic() - started < 20
+
+
+def test_without_a_launcher_a_worker_error_is_one_line_and_exit_2():
+    code = FAILING_WORKER.format(kind="EnvironmentProblem", ranks=("0",))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == "error: rank 0 refuses\n"
+
+
+@pytest.mark.slow
+def test_errors_in_torchrun_workers_come_back_as_one_line(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(FAILING_WORKER.format(kind="EnvironmentProblem", ranks=("1",)))
+    wrapper = textwrap.dedent(f"""
+        import sys
+        from recnext_cli import launch
+        from recnext_cli.errors import RecnextError
+        plan = launch.LaunchPlan((sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc-per-node", "2", {str(script)!r}), {{}})
+        try:
+            launch.run(plan, run_dir=__import__("pathlib").Path({str(tmp_path)!r}))
+        except RecnextError as exc:
+            print(type(exc).__name__, exc, file=sys.stderr)
+            sys.exit(2)
+    """)
+    # OMP_NUM_THREADS set, as recnext sets it for CPU workers: torchrun prints a banner about it otherwise.
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    # Neither torchrun's failure summary nor any traceback: the job ended before either could be printed.
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == ["EnvironmentProblem rank 1 refuses"]
 
 
 def test_metrics_json_round_trips_into_recnext_results(tmp_path):

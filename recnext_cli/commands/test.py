@@ -67,8 +67,8 @@ MasterAddr = Annotated[Optional[str], typer.Option(
     show_default=False,
 )]
 MasterPort = Annotated[Optional[int], typer.Option(
-    "--master-port", help="Port on node 0 (default: a free port on one node, 29500 across nodes; "
-    "Slurm: derived from the job id)", show_default=False,
+    "--master-port", help="Port on node 0, 1-65535 (default on one node: torchrun binds one the kernel picks; "
+    "across nodes: 29500; Slurm: derived from the job id)", show_default=False,
 )]
 Partition = Annotated[Optional[str], typer.Option("--partition", help="Slurm partition (srun --partition).")]
 SrunArgs = Annotated[str, typer.Option(
@@ -83,7 +83,9 @@ Config = Annotated[Optional[Path], typer.Option(
 )]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the command and environment, start nothing.")]
 # Shared with `recnext train` and `recnext infer`.
-ModelName = Annotated[str, typer.Argument(help="Zoo model (m3, m4, m5, a3, a4, a5), or any label with --config.")]
+ModelName = Annotated[str, typer.Argument(
+    help="Zoo model (m3, m4, m5, a3, a4, a5), or with --config a label of letters, digits, '.', '_', '+', '-'.",
+)]
 DetectorCheckpoint = Annotated[Optional[Path], typer.Option(
     "--checkpoint", help="Detector weights (default: the zoo checkpoint, downloaded and verified into the cache)",
     show_default=False,

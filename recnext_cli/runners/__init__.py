@@ -131,13 +131,13 @@ def report_error(exc: RecnextError) -> None:
     if not run_dir or not os.path.isdir(run_dir):
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return
-    report = json.dumps({"type": type(exc).__name__, "message": str(exc), "rank": os.environ.get("RANK", "0")})
     with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".report-", delete=False) as file:
-        file.write(report)
+        file.write(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
     os.replace(file.name, os.path.join(run_dir, f"error-rank{os.environ.get('RANK', '0')}.json"))
     # The launcher ends the job as soon as it reads the report; exiting first would let torchrun print a failure
     # summary, and each other rank its own traceback, before that.
     time.sleep(REPORT_WAIT_S)
+    print(f"error: {exc}", file=sys.stderr, flush=True)  # still here: no launcher read the report
 
 
 def run_worker(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
