@@ -46,14 +46,20 @@ def _stack_checks() -> list[Check]:
     except Exception as exc:  # torchvision raises RuntimeError, not ImportError, beside a mismatched torch
         checks.append(Check("torchvision", f"broken ({exc})", BROKEN, "run `recnext setup` (mmcv.runner needs it)"))
     try:
+        from recnext_cli.compat import ext_hook
+
+        ext_hook.install()
         import mmcv
         import mmcv.ops
-        from recnext_cli.compat.ops import mmcv_has_cuda_ops
+        from recnext_cli.compat.ops import compiled_ext, mmcv_has_cuda_ops
 
-        kernels = "CPU + CUDA" if mmcv_has_cuda_ops() else "CPU only"
-        checks.append(_pinned("mmcv-full", mmcv.__version__, stack.MMCV_VERSION, f"compiled ops: {kernels}"))
+        if compiled_ext() is None:
+            kernels = "Python package; RoIAlign/NMS from torchvision"
+        else:
+            kernels = "compiled CPU + CUDA kernels" if mmcv_has_cuda_ops() else "compiled CPU kernels"
+        checks.append(_pinned("mmcv", mmcv.__version__, stack.MMCV_VERSION, kernels))
     except Exception as exc:
-        checks.append(Check("mmcv-full", f"missing or broken ({exc})", BROKEN, "run `recnext setup` (builds mmcv-full)"))
+        checks.append(Check("mmcv", f"missing or broken ({exc})", BROKEN, "run `recnext setup`"))
     try:
         import mmdet
         checks.append(_pinned("mmdet", _version(mmdet), stack.MMDET_VERSION))
@@ -76,8 +82,38 @@ def _cache_check() -> Check:
     return Check("cache", f"{root} ({free_gb:.1f} GB free)", status, remedy)
 
 
+def _ops_checks() -> list[Check]:
+    """Which provider computes RoIAlign and NMS, where each runs, and whether they give mmcv's published answers."""
+    import torch
+
+    from recnext_cli.compat import ops, ops_check
+    from recnext_cli.compat.ext_hook import ENV_CHOICE, choice
+
+    gpu = torch.cuda.is_available()
+    if ops.compiled_ext() is None:
+        provider = f"torchvision kernels via recnext ({ENV_CHOICE}={choice()})"
+        where = "CPU and CUDA tensors: torchvision"
+        others = Check("other compiled mmcv ops", "not installed (deformable conv, focal loss, ...): they fail when "
+                       "called, naming the op", OK, "`recnext setup --compile-ops` if a model of yours needs them")
+    elif ops.mmcv_has_cuda_ops():
+        provider, where = "mmcv-full's compiled kernels", "CPU and CUDA tensors: mmcv-full's kernels"
+        others = Check("other compiled mmcv ops", "compiled (CPU and CUDA)", OK)
+    else:
+        provider = "mmcv-full's compiled CPU kernels"
+        where = "CPU tensors: mmcv-full's kernels; CUDA tensors: torchvision" + ("" if gpu else " (no GPU here)")
+        others = Check("other compiled mmcv ops", "compiled for CPU only", OK)
+    checks = [Check("mmcv ops provider", provider, OK)]
+    for op, problem in ops_check.published_answers().items():
+        if problem is None:
+            checks.append(Check(op, f"{where}; matches mmcv's published test values", OK))
+        else:
+            checks.append(Check(op, f"{where}; {problem}", BROKEN, "run `recnext setup --force-rebuild`"))
+    return checks + [others]
+
+
 def _fix_checks() -> list[Check]:
     from recnext_cli import compat
+    from recnext_cli.compat.checks import NotHere
 
     checks = []
     for fix in compat.FIXES:
@@ -87,9 +123,16 @@ def _fix_checks() -> list[Check]:
                 continue
             if not fix.applied():
                 fix.apply()
-            checks.append(Check(fix.title, fix.symptom, FIXED if fix.applied() else BROKEN, fix.remedy))
+            problem = fix.check()
         except Exception as exc:
             checks.append(Check(fix.title, f"cannot check: {exc}", BROKEN, "run `recnext setup`"))
+            continue
+        if isinstance(problem, NotHere):
+            checks.append(Check(fix.title, problem, OK))
+        elif problem is None:
+            checks.append(Check(fix.title, f"{fix.symptom} (the failing call now works)", FIXED, fix.remedy))
+        else:
+            checks.append(Check(fix.title, f"still fails: {problem}", BROKEN, fix.remedy))
     return checks
 
 
@@ -97,6 +140,7 @@ def diagnose() -> list[Check]:
     checks = _stack_checks()
     checks.append(_cache_check())
     if not any(c.status == BROKEN for c in checks):
+        checks += _ops_checks()
         checks += _fix_checks()
     return checks
 

@@ -1,4 +1,5 @@
-"""The pinned mmdet 2.x stack and how `recnext setup` installs it: torch, a cached mmcv-full build, mmdet."""
+"""The pinned mmdet 2.x stack and how `recnext setup` installs it: torch, mmcv 1.7.2 (its Python package with
+recnext's torchvision-backed RoIAlign/NMS by default, or a cached compiled build), mmdet."""
 
 from __future__ import annotations
 
@@ -29,23 +30,34 @@ BUILD_SETUPTOOLS = "setuptools<70"
 Report = Callable[[str], None]
 
 
+# What an mmcv build holds: "python" (no compiled extension: recnext's provider supplies RoIAlign and NMS), "cpu"
+# (mmcv-full's CPU kernels) or "cu<version>" (CPU and CUDA kernels).
+PYTHON_ONLY = "python"
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildKey:
-    """What a compiled mmcv-full wheel depends on; a wheel is reused only when all of it matches."""
+    """What an mmcv wheel depends on; a cached wheel is reused only when all of it matches."""
 
     mmcv: str
     torch: str
-    flavour: str  # "cpu", or "cu<version>" when CUDA kernels were compiled
+    flavour: str
     python_tag: str
 
     @property
+    def compiled(self) -> bool:
+        return self.flavour != PYTHON_ONLY
+
+    @property
     def slug(self) -> str:
+        if not self.compiled:  # a pure-Python wheel, the same for every torch and Python
+            return f"mmcv-{self.mmcv}_python"
         return f"mmcv-full-{self.mmcv}_torch-{self.torch}_{self.flavour}_{self.python_tag}".replace("+", "-")
 
 
 @dataclasses.dataclass
 class SetupOptions:
-    cuda_ops: bool = False
+    compile_ops: bool = False
     force_rebuild: bool = False
     jobs: int = max(1, os.cpu_count() or 1)
     python: str = sys.executable
@@ -108,14 +120,18 @@ def local_gpu_arch(python: str) -> str | None:
     return _probe(python, "import torch; m, n = torch.cuda.get_device_capability(0); print(f'{m}.{n}')")
 
 
-def build_key(torch: dict, cuda_ops: bool) -> BuildKey:
-    flavour = f"cu{torch['cuda']}" if cuda_ops else "cpu"
+def build_key(torch: dict, compile_ops: bool, cuda_kernels: bool = False) -> BuildKey:
+    """The build `recnext setup` wants: Python-only by default; with --compile-ops, CPU kernels plus CUDA kernels
+    where `cuda_kernels` (nvcc and a GPU are present)."""
+    if not compile_ops:
+        return BuildKey(MMCV_VERSION, "any", PYTHON_ONLY, "py3")
+    flavour = f"cu{torch['cuda']}" if cuda_kernels else "cpu"
     return BuildKey(MMCV_VERSION, torch["version"], flavour, python_tag())
 
 
 def cached_wheel(key: BuildKey) -> Path | None:
     folder = wheel_cache_dir() / key.slug
-    wheels = sorted(folder.glob("mmcv_full-*.whl")) if folder.is_dir() else []
+    wheels = sorted(folder.glob("mmcv*.whl")) if folder.is_dir() else []
     return wheels[0] if wheels else None
 
 
@@ -126,7 +142,10 @@ def _patch_cxx_standard(setup_py: Path) -> None:
 
 
 def build_mmcv_wheel(key: BuildKey, torch: dict, options: SetupOptions, log, report: Report) -> Path:
-    """Compile mmcv-full from the registry's source archive into the wheel cache; return the wheel."""
+    """Build mmcv from the registry's mmcv-full source archive into the wheel cache; return the wheel.
+
+    A Python-only build (MMCV_WITH_OPS=0, mmcv's own switch, which also names the package `mmcv`) takes seconds;
+    a compiled one takes minutes to tens of minutes."""
     with tempfile.TemporaryDirectory(prefix="recnext-mmcv-") as tmp:
         tmpdir = Path(tmp)
         tools = tmpdir / "build-tools"
@@ -144,22 +163,26 @@ def build_mmcv_wheel(key: BuildKey, torch: dict, options: SetupOptions, log, rep
         with tarfile.open(archive) as tar:
             tar.extractall(tmpdir / "src", filter="data")
         source = next(p for p in (tmpdir / "src").iterdir() if p.is_dir())
-        if torch_needs_cxx20(torch["include"]):
-            _patch_cxx_standard(source / "setup.py")
-            log.write("patched setup.py: -std=c++20 (the installed torch's headers require it)\n")
-        build_env.update(MMCV_WITH_OPS="1", MAX_JOBS=str(options.jobs))
-        if options.cuda_ops:
-            arch = local_gpu_arch(options.python)
-            build_env.update(FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=arch or "")
-            report(f"compiling mmcv-full CPU + CUDA ops for sm_{arch} (tens of minutes)")
+        if not key.compiled:
+            build_env.update(MMCV_WITH_OPS="0")
+            report(f"building mmcv {MMCV_VERSION}'s Python package (no compiled ops)")
         else:
-            # setup.py compiles CUDA kernels whenever torch sees a GPU; hide it for a CPU-ops build.
-            build_env.update(FORCE_CUDA="0", CUDA_VISIBLE_DEVICES="")
-            report(f"compiling mmcv-full CPU ops with {options.jobs} jobs (about 7 minutes on 2 cores)")
+            if torch_needs_cxx20(torch["include"]):
+                _patch_cxx_standard(source / "setup.py")
+                log.write("patched setup.py: -std=c++20 (the installed torch's headers require it)\n")
+            build_env.update(MMCV_WITH_OPS="1", MAX_JOBS=str(options.jobs))
+            if key.flavour.startswith("cu"):
+                arch = local_gpu_arch(options.python)
+                build_env.update(FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=arch or "")
+                report(f"compiling mmcv-full CPU + CUDA ops for sm_{arch} (tens of minutes)")
+            else:
+                # setup.py compiles CUDA kernels whenever torch sees a GPU; hide it for a CPU-ops build.
+                build_env.update(FORCE_CUDA="0", CUDA_VISIBLE_DEVICES="")
+                report(f"compiling mmcv-full CPU ops with {options.jobs} jobs (about 10 minutes on 2 cores)")
         out = tmpdir / "dist"
         _run([options.python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
              log, env=build_env)
-        built = next(out.glob("mmcv_full-*.whl"))
+        built = next(out.glob("mmcv*.whl"))
         target_dir = wheel_cache_dir() / key.slug
         staging = target_dir.with_name(target_dir.name + ".part")
         shutil.rmtree(staging, ignore_errors=True)
@@ -176,35 +199,74 @@ class InstalledStack:
     """What the target interpreter can import: versions are None where the import fails."""
 
     mmcv: str | None
-    mmcv_flavour: str | None  # "cpu", or "cu<version>" when mmcv's CUDA kernels were compiled
+    mmcv_flavour: str | None  # PYTHON_ONLY (recnext's provider), "cpu", or "cu<version>"
     mmdet: str | None
 
 
+# Imports mmcv.ops (which proves a compiled build links against the installed torch) and mmdet in one process, with
+# recnext's ops hook registered as the .pth file would, so a Python-only mmcv counts as working.
+_PROBE = """
+try:
+    from recnext_cli.compat import ext_hook; ext_hook.install()
+except Exception:
+    pass
+try:
+    import sys, mmcv, mmcv.ops
+    a = mmcv.__version__
+    ext = sys.modules['mmcv._ext']
+    cuda = '-' if getattr(ext, 'PROVIDER', None) else ext.get_compiling_cuda_version()
+except Exception:
+    a = cuda = None
+try:
+    import mmdet; b = mmdet.__version__
+except Exception:
+    b = None
+print(a, cuda, b, sep='|')
+"""
+
+
 def probe_mmdet_stack(python: str) -> InstalledStack:
-    """Import mmcv.ops and mmdet in the target interpreter, in one process (importing mmcv.ops proves the build
-    links against the installed torch)."""
-    out = _probe(
-        python,
-        "try:\n    import mmcv, mmcv.ops; a = mmcv.__version__; c = mmcv.ops.get_compiling_cuda_version()\n"
-        "except Exception:\n    a = c = '-'\n"
-        "try:\n    import mmdet; b = mmdet.__version__\nexcept Exception:\n    b = '-'\n"
-        "print(a, c, b, sep='|')",
-    )
-    mmcv, cuda, mmdet = (out or "-|-|-").splitlines()[-1].split("|")
-    flavour = None if cuda == "-" else "cpu" if cuda == "not available" else f"cu{cuda}"
-    return InstalledStack(None if mmcv == "-" else mmcv, flavour, None if mmdet == "-" else mmdet)
+    out = _probe(python, _PROBE)
+    mmcv, cuda, mmdet = (out or "None|None|None").splitlines()[-1].split("|")
+    flavours = {"None": None, "-": PYTHON_ONLY, "not available": "cpu"}
+    flavour = flavours.get(cuda, f"cu{cuda}")
+    return InstalledStack(None if mmcv == "None" else mmcv, flavour, None if mmdet == "None" else mmdet)
 
 
 def mmcv_install_needed(installed: InstalledStack, key: BuildKey, options: SetupOptions) -> bool:
-    """Whether to (build and) install mmcv-full: a working build is kept unless --cuda-ops asks for CUDA kernels it
-    lacks or --force-rebuild is given; a plain setup never swaps a working CUDA build for a CPU one."""
+    """Whether to (build and) install mmcv. A working mmcv 1.7.2 is kept, compiled or not, unless --compile-ops asks
+    for kernels it lacks or --force-rebuild is given; a compiled CUDA build is never swapped for a CPU one."""
     if options.force_rebuild or installed.mmcv != MMCV_VERSION:
         return True
-    return options.cuda_ops and installed.mmcv_flavour != key.flavour
+    if not key.compiled:
+        return False
+    if installed.mmcv_flavour == PYTHON_ONLY:
+        return True
+    return key.flavour != "cpu" and installed.mmcv_flavour != key.flavour
+
+
+def site_packages(python: str) -> Path:
+    out = _probe(python, "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    if not out:
+        raise EnvironmentProblem(f"cannot ask {python} where its site-packages are")
+    return Path(out.splitlines()[-1])
+
+
+def install_ops_hook(python: str) -> bool:
+    """Write the one-line .pth file that registers recnext's mmcv ops finder at start-up; True when it changed."""
+    from recnext_cli.compat.ext_hook import PTH_LINE, PTH_NAME
+
+    target = site_packages(python) / PTH_NAME
+    if target.is_file() and not target.is_symlink() and target.read_text() == PTH_LINE:
+        return False
+    staging = target.with_name(f".{PTH_NAME}.{os.getpid()}.part")
+    staging.write_text(PTH_LINE)
+    os.replace(staging, target)
+    return True
 
 
 def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
-    """Install torch, mmcv-full (built once per torch/CUDA/Python and cached) and mmdet into `options.python`."""
+    """Install torch, mmcv (built once per key and cached) and mmdet into `options.python`."""
     log_dir().mkdir(parents=True, exist_ok=True)
     log_path = log_dir() / f"setup-{time.strftime('%Y%m%d-%H%M%S')}.log"
     steps: list[str] = []
@@ -218,23 +280,28 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
         torch = torch_facts(options.python)
         if torch is None:
             raise EnvironmentProblem(f"torch does not import in {options.python}; see {log_path}")
-        if options.cuda_ops and not (shutil.which("nvcc") and local_gpu_arch(options.python)):
-            raise EnvironmentProblem("--cuda-ops needs nvcc on PATH and a visible GPU; drop the flag for a CPU-ops build")
-        key = build_key(torch, options.cuda_ops)
+        cuda_kernels = options.compile_ops and bool(shutil.which("nvcc") and local_gpu_arch(options.python))
+        if options.compile_ops and not cuda_kernels:
+            report("no nvcc or no visible GPU: compiling CPU kernels only (GPU tensors use torchvision's kernels)")
+        key = build_key(torch, options.compile_ops, cuda_kernels)
+        if install_ops_hook(options.python):
+            steps.append("registered recnext's RoIAlign/NMS provider for mmcv (a one-line .pth file in site-packages)")
         installed = probe_mmdet_stack(options.python)
         changed = False
         if not mmcv_install_needed(installed, key, options):
-            steps.append(f"mmcv-full {MMCV_VERSION} ({installed.mmcv_flavour} ops) already works with torch "
+            steps.append(f"mmcv {MMCV_VERSION} ({describe_flavour(installed.mmcv_flavour)}) already works with torch "
                          f"{torch['version']}")
         else:
             wheel = None if options.force_rebuild else cached_wheel(key)
             if wheel is None:
                 wheel = build_mmcv_wheel(key, torch, options, log, report)
-                steps.append(f"built {wheel.name} ({wheel.stat().st_size / 2**20:.0f} MB) into {wheel.parent}")
+                steps.append(f"built {wheel.name} ({wheel.stat().st_size / 2**20:.1f} MB) into {wheel.parent}")
             report(f"installing {wheel.name}")
-            _run(pip + ["--force-reinstall", "--no-deps", str(wheel)], log)
+            # The two distributions own the same `mmcv` package directory: remove whichever is there first.
+            _run([options.python, "-m", "pip", "uninstall", "--yes", "--quiet", "mmcv", "mmcv-full"], log)
+            _run(pip + ["--no-deps", str(wheel)], log)
             _run(pip + ["addict", "packaging", "pyyaml", "yapf>=0.43", "opencv-python-headless", "pillow"], log)
-            steps.append(f"installed mmcv-full {MMCV_VERSION} ({key.flavour} ops)")
+            steps.append(f"installed mmcv {MMCV_VERSION} ({describe_flavour(key.flavour)})")
             changed = True
         if installed.mmdet != MMDET_VERSION:
             report(f"installing mmdet {MMDET_VERSION}")
@@ -247,3 +314,11 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
             if (after.mmcv, after.mmdet) != (MMCV_VERSION, MMDET_VERSION):
                 raise EnvironmentProblem(f"mmcv.ops or mmdet does not import after setup; see {log_path}")
     return SetupResult(steps=steps, log_path=log_path)
+
+
+def describe_flavour(flavour: str | None) -> str:
+    if flavour == PYTHON_ONLY:
+        return "Python package; RoIAlign and NMS from torchvision"
+    if flavour == "cpu":
+        return "compiled CPU kernels"
+    return f"compiled CPU + CUDA kernels, {flavour}" if flavour else "not working"

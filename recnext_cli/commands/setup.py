@@ -1,4 +1,4 @@
-"""`recnext setup`: install torch, a cached mmcv-full build and mmdet into this Python environment."""
+"""`recnext setup`: install torch, mmcv (Python package, or a cached compiled build) and mmdet into this environment."""
 
 from __future__ import annotations
 
@@ -8,17 +8,22 @@ import typer
 
 
 def setup(
-    cuda_ops: bool = typer.Option(
-        False, "--cuda-ops", help="Also compile mmcv's CUDA kernels for the local GPU (needs nvcc). "
-        "Without it, Mask R-CNN still runs on GPUs: recnext routes RoIAlign/NMS to torchvision's CUDA kernels."
+    compile_ops: bool = typer.Option(
+        False, "--compile-ops", help="Compile mmcv-full's own C++ kernels (about 10 minutes on 2 cores, cached per "
+        "torch/CUDA/Python), with CUDA kernels when nvcc and a GPU are present. Needed only for mmcv ops other than "
+        "RoIAlign and NMS (deformable conv, focal loss, ...); without it recnext runs those two on torchvision's "
+        "CPU and CUDA kernels and installs mmcv's Python package in seconds."
     ),
-    force_rebuild: bool = typer.Option(False, "--force-rebuild", help="Ignore the cached mmcv-full wheel and compile again."),
-    jobs: int = typer.Option(0, "--jobs", "-j", help="Parallel compile jobs (default: all cores).", min=0),
+    force_rebuild: bool = typer.Option(False, "--force-rebuild", help="Ignore the cached mmcv wheel and build again."),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="Parallel compile jobs for --compile-ops (default: all cores).",
+                             min=0),
 ) -> None:
-    """Install the pinned stack (torch, torchvision, mmcv-full built from source, mmdet) into this environment.
+    """Install the pinned stack (torch, torchvision, mmcv 1.7.2, mmdet 2.28.2) into this environment.
 
-    The mmcv-full wheel is compiled once per mmcv/torch/CUDA/Python combination and cached, so running
-    setup again on the same machine takes seconds. Nothing outside this environment and the cache is touched.
+    By default nothing is compiled: mmcv's Python package is installed, and RoIAlign and NMS, the only compiled ops
+    Mask R-CNN uses, come from torchvision (a one-line .pth file makes plain mmdet code find them too). Built wheels
+    are cached, so running setup again on the same machine takes seconds. Nothing outside this environment and the
+    cache is touched.
     """
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -26,7 +31,7 @@ def setup(
     from recnext_cli import stack
 
     console = Console(log_path=False)
-    options = stack.SetupOptions(cuda_ops=cuda_ops, force_rebuild=force_rebuild)
+    options = stack.SetupOptions(compile_ops=compile_ops, force_rebuild=force_rebuild)
     if jobs:
         options.jobs = jobs
     started = time.monotonic()

@@ -6,7 +6,10 @@ import dataclasses
 import os
 from typing import Callable
 
-from recnext_cli.compat import checkpoint, ddp, ops, scatter
+from recnext_cli.compat import checkpoint, checks, ddp, ext_hook, ops, scatter
+
+# Processes that import recnext's fixes find RoIAlign/NMS even where setup's .pth hook is missing.
+ext_hook.install()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +23,7 @@ class Fix:
     needed: Callable[[], bool]
     apply: Callable[[], None]
     applied: Callable[[], bool]
+    check: Callable[[], str | None]  # makes the originally failing call; None when it now works
 
 
 FIXES: tuple[Fix, ...] = (
@@ -31,6 +35,7 @@ FIXES: tuple[Fix, ...] = (
         needed=ddp.replicated_tensor_fix_needed,
         apply=ddp.patch_run_ddp_forward,
         applied=ddp.run_ddp_forward_patched,
+        check=checks.ddp_forward,
     ),
     Fix(
         key="scatter-stream",
@@ -40,6 +45,7 @@ FIXES: tuple[Fix, ...] = (
         needed=scatter.fix_needed,
         apply=scatter.patch,
         applied=scatter.patched,
+        check=checks.scatter_streams,
     ),
     Fix(
         key="checkpoint-weights-only",
@@ -49,6 +55,7 @@ FIXES: tuple[Fix, ...] = (
         needed=checkpoint.fix_needed,
         apply=checkpoint.patch,
         applied=checkpoint.patched,
+        check=checks.checkpoint_loading,
     ),
     Fix(
         key="cpu-distributed",
@@ -58,15 +65,18 @@ FIXES: tuple[Fix, ...] = (
         needed=ddp.cpu_distributed_fix_needed,
         apply=ddp.patch_cpu_distributed,
         applied=ddp.cpu_distributed_patched,
+        check=checks.cpu_distributed,
     ),
     Fix(
         key="ops-without-cuda",
-        title="mmcv-full built without CUDA kernels, running on a GPU",
+        title="mmcv-full compiled without CUDA kernels, running on a GPU",
         symptom="RuntimeError: ... roi_align_forward_impl / nms_impl: implementation for device cuda:0 not found",
-        remedy="run through recnext's runners (RoIAlign and NMS use torchvision's CUDA kernels), or `recnext setup --cuda-ops`",
+        remedy="run through recnext's runners (GPU RoIAlign/NMS calls go to torchvision's kernels), or "
+        "`recnext setup --compile-ops` on a machine with nvcc",
         needed=ops.fallback_needed,
         apply=ops.patch,
         applied=ops.patched,
+        check=ops.check,
     ),
 )
 
