@@ -391,12 +391,13 @@ class _Unpickler(pickle.Unpickler):
         return _Storage(pid[2], pid[4], pid[1].itemsize)
 
 
-def read_checkpoint(path: Path) -> object:
+def read_checkpoint(path: Path, name: str | None = None) -> object:
     """`path`'s torch.save contents with each tensor as a _Tensor (storage, shape, stride); nothing named is run.
 
     Raises IntegrityError for files that are not a torch zip checkpoint, name objects outside the allow-list, or whose
-    tensors reach past the bytes stored for them.
+    tensors reach past the bytes stored for them. Messages call the file `name` (default: its file name).
     """
+    name = name or path.name
     try:
         with os.fdopen(cache.open_regular(path, os.O_RDONLY), "rb") as source, zipfile.ZipFile(source) as archive:
             pickles = [info for info in archive.infolist() if info.filename.count("/") == 1
@@ -414,13 +415,13 @@ def read_checkpoint(path: Path) -> object:
     except IntegrityError:
         raise
     except Exception as exc:  # BadZipFile, UnpicklingError, EOFError, ValueError, RecursionError…: not ours to read
-        raise IntegrityError(f"{path.name} is not a checkpoint recnext reads safely: {exc}") from exc
+        raise IntegrityError(f"{name} is not a checkpoint recnext reads safely: {exc}") from exc
     for tensor in tensors:
         stored = sizes.get(f"{prefix}data/{tensor.storage.key}")
         if stored is None or stored < tensor.storage.numel * tensor.storage.itemsize:
-            raise IntegrityError(f"{path.name} lacks the bytes of storage {tensor.storage.key!r}: the file is damaged")
+            raise IntegrityError(f"{name} lacks the bytes of storage {tensor.storage.key!r}: the file is damaged")
         if all(tensor.shape) and tensor.offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride)) >= tensor.storage.numel:
-            raise IntegrityError(f"{path.name} has a tensor reaching past its storage {tensor.storage.key!r}: the file is damaged")
+            raise IntegrityError(f"{name} has a tensor reaching past its storage {tensor.storage.key!r}: the file is damaged")
     return data
 
 
@@ -439,10 +440,10 @@ def _collect_tensors(value: object, found: list[_Tensor]) -> None:
 def check_structure(path: Path, checkpoint: Checkpoint) -> None:
     """Raise IntegrityError unless `path` reads safely in `checkpoint`'s layout with the exact backbone keys and shapes."""
     layout = LAYOUTS[checkpoint.kind]
-    data = read_checkpoint(path)
+    data = read_checkpoint(path, checkpoint.file_name)
     state = data.get(layout.container) if isinstance(data, dict) else None
     if not isinstance(state, dict):
-        raise IntegrityError(f"{path.name} has no {layout.container!r} state dict, where {checkpoint.kind} checkpoints keep it")
+        raise IntegrityError(f"{checkpoint.file_name} has no {layout.container!r} state dict, where {checkpoint.kind} checkpoints keep it")
     backbone = {
         key.removeprefix(layout.backbone_prefix): value
         for key, value in state.items()
@@ -463,7 +464,7 @@ def check_structure(path: Path, checkpoint: Checkpoint) -> None:
     if absent:
         problems.append(f"no {', '.join(absent)} weights")
     if problems:
-        raise IntegrityError(f"{path.name} does not hold a {title} {checkpoint.kind} checkpoint: {'; '.join(problems)}")
+        raise IntegrityError(f"{checkpoint.file_name} does not hold a {title} {checkpoint.kind} checkpoint: {'; '.join(problems)}")
 
 
 # Downloads. Each writer streams into <name>.<random>.part, a file only it has open, so two writers never interleave
@@ -667,15 +668,12 @@ class _PartFile:
 
     def append(self, chunk: bytes) -> None:
         view = memoryview(chunk)
-        try:
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError:
-            # A full disk can take half a chunk: cut back to the bytes the running hash covers.
-            os.ftruncate(self._fd, self.size)
-            raise
-        self._hash.update(chunk)
-        self.size += len(chunk)
+        while view:
+            # A full disk takes part of a chunk, then fails: what was written stays hashed and counted, to resume from.
+            written = os.write(self._fd, view)
+            self._hash.update(view[:written])
+            self.size += written
+            view = view[written:]
 
     def restart(self) -> None:
         os.ftruncate(self._fd, 0)
