@@ -1,103 +1,137 @@
-"""Time the published eager RecNeXt backbones against recnext's inference fast path on CPU, and check the 1.5x goal.
+"""Time `recnext bench latency`'s default fast path against the published eager backbone on CPU; check the 1.5x goal.
 
-Run: .venv/bin/python benchmarks/latency.py [--models m3 a3] [--input 512x512] [--rounds 20] [--threads 1] [--compile]
+Run: .venv/bin/python benchmarks/latency.py [--models m3 a3] [--input 512x512] [--rounds 15] [--threads 1]
+     [--bf16] [--out benchmarks/results/latency-1t.json]
 
+Each variant is built by `recnext_cli.bench.build_runner`, exactly as `recnext bench latency` builds it: the
+published model is `--no-fused`, the fast path is the default, `--bf16` adds `--dtype bf16` where the CPU has it.
 All variants live in one process and are timed in turns (one call of each per round), so a neighbour's job that
-slows the machine down slows every variant alike. The speed-up is the median over rounds of baseline time / fast
-time within the same round. Outputs must equal the baseline's within 1e-4 relative (max |diff| / max |baseline|).
+slows the machine down slows every variant alike. A speed-up is the median over rounds of baseline time / variant
+time within the same round. fp32 outputs must equal the published model's within 1e-4 relative (max |diff| / max
+|published|); bf16 reports its difference. Exit code 1 when a goal is missed.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import os
+import dataclasses
 import statistics
 import sys
+import time
+from pathlib import Path
 
 import torch
-from torch import nn
 
-from recnext_cli.bench import latency_stats, parse_input_size, random_backbone, time_calls
-from recnext_cli.fastpath import prepare_for_inference, prepare_input
+from recnext_cli.bench import (
+    BenchConfig,
+    build_runner,
+    latency_stats,
+    machine_info,
+    parse_input_size,
+    torch_threads,
+    write_result,
+)
 
 GOAL_SPEEDUP = 1.5
+GOAL_BF16_OVER_FP32 = 1.5
 TOLERANCE = 1e-4
-FAST_PATH = "fused + channels-last"
-
-
-def variants(model: nn.Module, images: torch.Tensor, with_compile: bool) -> dict[str, tuple[nn.Module, torch.Tensor]]:
-    """Each timed variant with the input it runs on: the published model first, the fast path, and steps towards it."""
-    settings = {"fused": dict(fused=True), FAST_PATH: dict(fused=True, channels_last=True)}
-    if with_compile:
-        settings["compiled " + FAST_PATH] = dict(fused=True, channels_last=True, compile=True)
-    runs = {"published (eager, unfused, NCHW)": (model, images)}
-    for label, kwargs in settings.items():
-        fast = prepare_for_inference(copy.deepcopy(model), device="cpu", **kwargs)
-        runs[label] = (fast, prepare_input(images, channels_last=kwargs.get("channels_last", False)))
-    return runs
+PUBLISHED = "published (--no-fused)"
+FAST_PATH = "fast path (default)"
+BF16 = "fast path --dtype bf16"
 
 
 def relative_error(outputs, references) -> float:
-    return max(((out - ref).abs().max() / ref.abs().max()).item() for out, ref in zip(outputs, references))
+    return max(((out.float() - ref).abs().max() / ref.abs().max()).item() for out, ref in zip(outputs, references))
 
 
-def bench_model(name: str, size: tuple[int, int], rounds: int, warmup: int, with_compile: bool) -> bool:
-    images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
-    runs = variants(random_backbone(name), images, with_compile)
-    (baseline_label, (baseline, baseline_input)), *_ = runs.items()
-    equal = True
+def bench_model(name: str, base: BenchConfig, rounds: int, with_bf16: bool) -> dict:
+    """Time the variants of model `name` in turns; a record of their statistics, speed-ups and output differences."""
+    configs = {PUBLISHED: dataclasses.replace(base, fused=False), FAST_PATH: base}
+    if with_bf16:
+        configs[BF16] = dataclasses.replace(base, dtype="bf16")
+    runners = {label: build_runner(name, config) for label, config in configs.items()}
+    times: dict[str, list[float]] = {label: [] for label in runners}
     with torch.inference_mode():
-        expected = baseline(baseline_input)
-        for label, (model, x) in runs.items():
-            error = relative_error(model(x), expected)
-            equal &= error <= TOLERANCE
-            print(f"  {label:<40} max relative difference to published: {error:.1e}")
-            time_calls(lambda: model(x), warmup=warmup, iters=0)
-        times: dict[str, list[float]] = {label: [] for label in runs}
+        expected = runners[PUBLISHED].run()
+        errors = {label: relative_error(runner.run(), expected) for label, runner in runners.items()}
+        for runner in runners.values():
+            for _ in range(base.warmup):
+                runner.run()
         for _ in range(rounds):
-            for label, (model, x) in runs.items():
-                times[label] += time_calls(lambda: model(x), warmup=0, iters=1)
-    baseline_times = times[baseline_label]
+            for label, runner in runners.items():
+                start = time.perf_counter()
+                runner.run()
+                times[label].append(time.perf_counter() - start)
+    variants = {}
     for label, durations in times.items():
         stats = latency_stats(durations)
-        speedup = statistics.median(b / d for b, d in zip(baseline_times, durations))
-        ratio_of_medians = statistics.median(baseline_times) / statistics.median(durations)
-        print(
-            f"  {label:<40} median {stats.median_ms:7.1f} ms  p10 {stats.p10_ms:7.1f}  p90 {stats.p90_ms:7.1f}"
-            f"  speed-up {speedup:4.2f}x (ratio of medians {ratio_of_medians:4.2f}x)"
+        variants[label] = {
+            "fast_path": runners[label].fast_path.describe(),
+            "dtype": configs[label].dtype,
+            "median_ms": stats.median_ms,
+            "p10_ms": stats.p10_ms,
+            "p90_ms": stats.p90_ms,
+            "speedup": statistics.median(b / d for b, d in zip(times[PUBLISHED], durations)),
+            "max_relative_difference": errors[label],
+        }
+    record = {"model": name, "variants": variants}
+    record["fp32_outputs_equal"] = errors[FAST_PATH] <= TOLERANCE
+    record["goal_met"] = record["fp32_outputs_equal"] and variants[FAST_PATH]["speedup"] >= GOAL_SPEEDUP
+    if with_bf16:
+        bf16_over_fp32 = statistics.median(f / b for f, b in zip(times[FAST_PATH], times[BF16]))
+        record["bf16_over_fp32"] = bf16_over_fp32
+        record["bf16_goal_met"] = bf16_over_fp32 >= GOAL_BF16_OVER_FP32
+    return record
+
+
+def report(record: dict) -> str:
+    lines = [f"RecNeXt-{record['model'].upper()}"]
+    for label, variant in record["variants"].items():
+        lines.append(
+            f"  {label:<24} median {variant['median_ms']:7.1f} ms  p10 {variant['p10_ms']:7.1f}  "
+            f"p90 {variant['p90_ms']:7.1f}  speed-up {variant['speedup']:4.2f}x  "
+            f"max rel. diff {variant['max_relative_difference']:.1e}"
         )
-    fast_speedup = statistics.median(b / d for b, d in zip(baseline_times, times[FAST_PATH]))
-    verdict = "meets" if fast_speedup >= GOAL_SPEEDUP and equal else "MISSES"
-    outputs = "equal" if equal else "DIFFER"
-    print(f"  goal: fast path >= {GOAL_SPEEDUP}x with equal outputs -> {verdict} ({fast_speedup:.2f}x, {outputs} outputs)")
-    return equal and fast_speedup >= GOAL_SPEEDUP
+    fast = record["variants"][FAST_PATH]
+    verdict = "meets" if record["goal_met"] else "MISSES"
+    outputs = "equal" if record["fp32_outputs_equal"] else "DIFFER"
+    lines.append(f"  fast path: {fast['fast_path']}")
+    lines.append(f"  goal: fast path >= {GOAL_SPEEDUP}x with equal outputs -> {verdict} ({fast['speedup']:.2f}x, {outputs})")
+    if "bf16_over_fp32" in record:
+        verdict = "meets" if record["bf16_goal_met"] else "MISSES"
+        lines.append(f"  goal: bf16 >= {GOAL_BF16_OVER_FP32}x over fp32 fast path -> {verdict} ({record['bf16_over_fp32']:.2f}x)")
+    return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["m3", "a3"])
     parser.add_argument("--input", default="512x512", help="height x width")
-    parser.add_argument("--rounds", type=int, default=20, help="timed calls of each variant, taken in turns")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument(
-        "--compile", action="store_true", help="also time the torch.compile'd fast path (compiling takes minutes)"
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    size = parse_input_size(args.input)
+    parser.add_argument("--rounds", type=int, default=15, help="timed calls of each variant, taken in turns")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--bf16", action="store_true", help="also time --dtype bf16 (CPUs with avx512_bf16 or AMX)")
+    parser.add_argument("--out", type=Path, help="also write the raw results here as JSON")
+    args = parser.parse_args(argv)
+    base = BenchConfig(input_size=parse_input_size(args.input), warmup=args.warmup, threads=args.threads)
+    before = machine_info(args.threads)
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s) on {os.cpu_count()} CPU(s), load average "
-        f"{os.getloadavg()[0]:.1f}; input 1x3x{size[0]}x{size[1]} fp32; {args.rounds} rounds"
+        f"torch {before['torch']}, {args.threads} thread(s) on {before['cpu_count']} CPU(s), "
+        f"load average {before['load_average'][0]:.1f}; input 1x3x{args.input} fp32; {args.rounds} rounds"
     )
-    met = True
-    for name in args.models:
-        print(f"RecNeXt-{name.upper()}")
-        met &= bench_model(name, size, args.rounds, args.warmup, args.compile)
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
-    sys.exit(0 if met else 1)
+    with torch_threads(args.threads):
+        records = [bench_model(name, base, args.rounds, args.bf16) for name in args.models]
+    for record in records:
+        print(report(record))
+    after = machine_info(args.threads)
+    print(f"load average after: {after['load_average'][0]:.1f}")
+    if args.out:
+        settings = {"benchmark": "latency", "input": args.input, "rounds": args.rounds, "threads": args.threads}
+        write_result(args.out, {**settings, "machine": before, "load_average_after": after["load_average"],
+                              "models": records})
+    met = all(record["goal_met"] and record.get("bf16_goal_met", True) for record in records)
+    return 0 if met else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -42,10 +43,20 @@ class BenchConfig:
     fused: bool = True
     dtype: str = "fp32"
     compile: bool = False
-    channels_last: bool = False
     warmup: int = 10
     iters: int = 50
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    profile: bool = False  # also list the operators that take the most time
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorTime:
+    """One operator's share of a profiled call (torch.profiler self time: excluding the operators it calls)."""
+
+    name: str
+    ms_per_call: float
+    share: float  # of all operators' self time
+    calls: int  # per model call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +66,14 @@ class BenchResult:
     model: str
     title: str
     config: BenchConfig
+    fast_path: str  # what the fast path did to the model, in words
     latency: LatencyStats
     throughput: float  # images per second at the median latency
     params: int  # of the model as published (BatchNorms unfolded)
     flops: int  # 2 x multiply-adds of one forward pass of the whole batch
     reported_latency_ms: float | None  # the README's iPhone latency
     reported_box_ap: float | None
+    top_operators: tuple[OperatorTime, ...] = ()
 
     @property
     def gflops(self) -> float:
@@ -72,6 +85,7 @@ class BenchResult:
             "title": self.title,
             **{key: value for key, value in dataclasses.asdict(self.config).items()},
             "input_size": list(self.config.input_size),
+            "fast_path": self.fast_path,
             "median_ms": self.latency.median_ms,
             "p10_ms": self.latency.p10_ms,
             "p90_ms": self.latency.p90_ms,
@@ -82,6 +96,7 @@ class BenchResult:
             "gmacs": self.gflops / 2,
             "reported_latency_ms": self.reported_latency_ms,
             "reported_box_ap": self.reported_box_ap,
+            "top_operators": [dataclasses.asdict(operator) for operator in self.top_operators],
         }
 
 
@@ -206,10 +221,11 @@ def check_config(config: BenchConfig) -> None:
         raise UsageError("--batch and --iters must be at least 1 and --warmup at least 0")
     if config.threads is not None and config.threads < 1:
         raise UsageError("--threads must be at least 1")
-    if config.part == "detector" and config.dtype != "fp32" and (config.dtype, config.device[:4]) != ("fp16", "cuda"):
+    half = (config.dtype, config.device[:4])
+    if config.part == "detector" and config.dtype != "fp32" and half not in (("fp16", "cuda"), ("bf16", "cpu")):
         raise UsageError(
-            "--part detector runs in half precision only through mmdet's fp16 mode, which needs --dtype fp16 on "
-            "--device cuda; use --dtype fp32, or time --part backbone"
+            "--part detector runs in half precision as fp16 on --device cuda (mmdet's fp16 mode) or as a bf16 "
+            "backbone on --device cpu; use one of those, --dtype fp32, or time --part backbone"
         )
     height, width = config.input_size
     if config.part == "detector" and (height % DETECTOR_SIDE_MULTIPLE or width % DETECTOR_SIDE_MULTIPLE):
@@ -219,83 +235,169 @@ def check_config(config: BenchConfig) -> None:
         )
 
 
-def bench_latency(name: str, config: BenchConfig) -> BenchResult:
-    """Build model `name` with random weights, prepare it as `config` says, and time it on a random input."""
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """A prepared model on its input: `run()` is one timed call."""
+
+    run: Callable[[], Any]
+    params: int  # of the model as published (BatchNorms unfolded)
+    flops: int
+    fast_path: Any  # recnext_cli.fastpath.FastPath
+    device: Any  # torch.device
+
+
+def untimed_calls(fast_path, device, warmup: int) -> int:
+    """How many calls to make before timing: `warmup`, raised to what the prepared model needs to reach steady state.
+
+    A CUDA-graph compiled model (torch.compile mode "reduce-overhead") compiles on its first call, records its graph
+    on the second and replays it from the third; a CPU compiled model compiles on its first call; oneDNN-fused
+    convolutions reorder their weights on their first call. None of that may land among the timed calls, whatever
+    --warmup says.
+    """
+    if fast_path.compile and device.type == "cuda":
+        needed = 3
+    elif fast_path.compile or fast_path.onednn_fusion:
+        needed = 1
+    else:
+        needed = 0
+    return max(warmup, needed)
+
+
+def build_runner(name: str, config: BenchConfig) -> Runner:
+    """Model `name` with random seeded weights, prepared as `config` says, on a seeded random input."""
     import torch
 
-    from recnext_cli.fastpath import resolve_device, resolve_dtype
+    from recnext_cli.fastpath import choose_fast_path, resolve_device, resolve_dtype
 
     check_config(config)
     entry = zoo.get_model(name)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    threads_before = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randn(config.batch, 3, *config.input_size, generator=generator)
-        build = _detector_runner if config.part == "detector" else _backbone_runner
-        run, params, flops = build(entry.name, images, config, device, dtype)
+    plan = choose_fast_path(device, dtype, fused=config.fused, compile=config.compile)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(config.batch, 3, *config.input_size, generator=generator)
+    build = _detector_runner if config.part == "detector" else _backbone_runner
+    run, params, flops = build(entry.name, images, config, plan, device, dtype)
+    return Runner(run, params, flops, plan, device)
+
+
+def bench_latency(name: str, config: BenchConfig) -> BenchResult:
+    """Build model `name` with random weights, prepare it as `config` says, and time it on a random input."""
+    import torch
+
+    entry = zoo.get_model(name)
+    with torch_threads(config.threads):
+        runner = build_runner(name, config)
+        device = runner.device
         synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         with torch.inference_mode():
-            if config.compile:
-                # The first call compiles (minutes); it must not land among the timed calls even with --warmup 0.
-                run()
-            durations = time_calls(run, warmup=config.warmup, iters=config.iters, synchronize=synchronize)
-    finally:
-        torch.set_num_threads(threads_before)
+            warmup = untimed_calls(runner.fast_path, device, config.warmup)
+            durations = time_calls(runner.run, warmup=warmup, iters=config.iters, synchronize=synchronize)
+            operators = profile_operators(runner.run, device) if config.profile else ()
     latency = latency_stats(durations)
     metrics = entry.metrics
     return BenchResult(
         model=entry.name,
         title=entry.title,
         config=config,
+        fast_path=runner.fast_path.describe(),
         latency=latency,
         throughput=config.batch / (latency.median_ms / 1000),
-        params=params,
-        flops=flops,
+        params=runner.params,
+        flops=runner.flops,
         reported_latency_ms=metrics.latency_ms if metrics else None,
         reported_box_ap=metrics.box_ap if metrics else None,
+        top_operators=operators,
     )
 
 
-def _backbone_runner(name, images, config: BenchConfig, device, dtype):
+def profile_operators(run: Callable[[], Any], device, calls: int = 3, top: int = 15) -> tuple[OperatorTime, ...]:
+    """The `top` operators by self time over `calls` calls of `run` (already warmed up), under torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(calls):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    # On a GPU the kernels' time is what a call waits for; on a CPU the operators' own time.
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [event for event in profiler.key_averages() if getattr(event, attribute) > 0]
+    total = sum(getattr(event, attribute) for event in events) or 1.0
+    events.sort(key=lambda event: getattr(event, attribute), reverse=True)
+    return tuple(
+        OperatorTime(
+            name=event.key,
+            ms_per_call=getattr(event, attribute) / 1000 / calls,
+            share=getattr(event, attribute) / total,
+            calls=round(event.count / calls),
+        )
+        for event in events[:top]
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` (None: unchanged) inside the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _backbone_runner(name, images, config: BenchConfig, plan, device, dtype):
     import torch
 
     from recnext_cli.fastpath import prepare_for_inference, prepare_input
-    from recnext_cli.nn import build_recnext
 
-    model = build_recnext(name).eval()
+    model = random_backbone(name)
     params = count_parameters(model)
     with torch.inference_mode():
         flops = count_flops(lambda: model(images))
-    model = prepare_for_inference(
-        model,
-        fused=config.fused,
-        channels_last=config.channels_last,
-        compile=config.compile,
-        dtype=dtype,
-        device=device,
-    )
-    inputs = prepare_input(images, channels_last=config.channels_last, dtype=dtype, device=device)
+    model = prepare_for_inference(model, plan, dtype=dtype, device=device)
+    inputs = prepare_input(images, plan, dtype=dtype, device=device)
     return (lambda: model(inputs)), params, flops
 
 
-def _detector_runner(name, images, config: BenchConfig, device, dtype):
+def _detector_runner(name, images, config: BenchConfig, plan, device, dtype):
     """Mask R-CNN built from the published config with random weights, timed through mmdet's test-mode forward.
 
-    The fast path applies to the backbone; the rest of the detector runs as mmdet writes it. fp16 is mmdet's own
-    fp16 mode (`wrap_fp16_model`: autocast in the network, fp32 box decoding and NMS).
+    fp16 is mmdet's own fp16 mode (`wrap_fp16_model`: autocast in the network, fp32 box decoding and NMS).
     """
-    import numpy as np
     import torch
 
-    from recnext_cli.fastpath import NchwFeatures, prepare_for_inference, prepare_input
+    from recnext_cli.fastpath import prepare_input, speed_up_detector
 
     detector = build_random_detector(name)
     params = count_parameters(detector)
-    height, width = config.input_size
+    metas = detector_metas(config.input_size, config.batch)
+
+    def forward(x):
+        return detector(return_loss=False, rescale=False, img=[x], img_metas=[metas])
+
+    with torch.inference_mode():
+        flops = count_flops(lambda: forward(images))
+    detector = speed_up_detector(detector, plan, dtype=dtype, device=device)
+    if dtype is torch.float16:
+        from mmcv.runner import wrap_fp16_model
+
+        wrap_fp16_model(detector)
+    inputs = prepare_input(images, plan, dtype=dtype, device=device)
+    return (lambda: forward(inputs)), params, flops
+
+
+def detector_metas(input_size: tuple[int, int], batch: int) -> list[dict]:
+    """mmdet image metas for `batch` unscaled, unflipped images of `input_size` (height, width), already padded."""
+    import numpy as np
+
+    height, width = input_size
     meta = {
         "ori_shape": (height, width, 3),
         "img_shape": (height, width, 3),
@@ -304,30 +406,7 @@ def _detector_runner(name, images, config: BenchConfig, device, dtype):
         "flip": False,
         "flip_direction": None,
     }
-    metas = [dict(meta) for _ in range(config.batch)]
-
-    def forward(x):
-        return detector(return_loss=False, rescale=False, img=[x], img_metas=[metas])
-
-    with torch.inference_mode():
-        flops = count_flops(lambda: forward(images))
-    detector.backbone = NchwFeatures(
-        prepare_for_inference(
-            detector.backbone,
-            fused=config.fused,
-            channels_last=config.channels_last,
-            compile=config.compile,
-            dtype=dtype,
-            device=device,
-        )
-    )
-    detector.to(device)
-    if dtype is torch.float16:
-        from mmcv.runner import wrap_fp16_model
-
-        wrap_fp16_model(detector)
-    inputs = prepare_input(images, channels_last=config.channels_last, dtype=dtype, device=device)
-    return (lambda: forward(inputs)), params, flops
+    return [dict(meta) for _ in range(batch)]
 
 
 def build_random_detector(name: str):
@@ -361,6 +440,66 @@ def build_random_detector(name: str):
     return detector.eval()
 
 
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """What a benchmark result depends on: CPU and its ISA flags, threads, load, library versions, date."""
+    import os
+    import platform
+    from datetime import datetime, timezone
+
+    import torch
+
+    from recnext_cli.fastpath import cpu_flags
+
+    isa_prefixes = ("avx", "amx", "fma", "sse4", "f16c", "asimd", "sve")
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": sorted(flag for flag in cpu_flags() if flag.startswith(isa_prefixes)),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads or torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def write_result(path: Path, record: dict[str, Any]) -> Path:
+    """Write a benchmark's raw record as JSON through a temporary file beside `path`, so `path` is never half written."""
+    import json
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(record, stream, indent=2)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return path
+
+
 def markdown_table(results: Sequence[BenchResult]) -> str:
     """A Markdown table of the measurements next to the README's reported latency (iPhone) and box AP."""
     if not results:
@@ -385,19 +524,35 @@ def markdown_table(results: Sequence[BenchResult]) -> str:
                 "-" if result.reported_box_ap is None else f"{result.reported_box_ap:.1f}",
             ))
         )
-    return "\n".join(lines) + "\n\n" + describe(config) + "\n"
+    text = "\n".join(lines) + "\n\n" + describe(config, results[0].fast_path) + "\n"
+    for result in results:
+        if result.top_operators:
+            text += "\n" + operator_table(result) + "\n"
+    return text
 
 
-def describe(config: BenchConfig) -> str:
-    """One line saying what was timed, for captions and plot titles."""
+def operator_table(result: BenchResult) -> str:
+    """A Markdown table of the operators that took the most time in `result`'s profiled calls."""
+    lines = [
+        f"Top operators of {result.title} ({result.config.part}), by self time per call:",
+        "",
+        _row(("Operator", "ms per call", "share", "calls per call")),
+        _row((":---", "---:", "---:", "---:")),
+    ]
+    for operator in result.top_operators:
+        lines.append(
+            _row((f"`{operator.name}`", f"{operator.ms_per_call:.2f}", f"{operator.share:.1%}", str(operator.calls)))
+        )
+    return "\n".join(lines)
+
+
+def describe(config: BenchConfig, fast_path: str) -> str:
+    """One line saying what was timed (`fast_path`: what the fast path did), for captions and plot titles."""
     height, width = config.input_size
-    switches = (("fused", config.fused), ("channels-last", config.channels_last), ("compiled", config.compile))
-    flags = [flag for flag, on in switches if on]
     threads = f", {config.threads} thread(s)" if config.threads else ""
     return (
-        f"{config.part} on {config.device}{threads}, batch {config.batch} at {height}x{width}, {config.dtype}"
-        f"{', ' + ', '.join(flags) if flags else ', eager as published'}; "
-        f"{config.iters} timed calls after {config.warmup} warm-up calls"
+        f"{config.part} on {config.device}{threads}, batch {config.batch} at {height}x{width}, {config.dtype}, "
+        f"{fast_path}; {config.iters} timed calls after at least {config.warmup} warm-up calls"
     )
 
 
@@ -435,7 +590,7 @@ def plot_ap_vs_latency(results: Sequence[BenchResult], path: Path) -> Path:
             axes.annotate(result.title, point, textcoords="offset points", xytext=(4, 4), fontsize=8)
         axes.set_xlabel("measured median latency (ms)")
         axes.set_ylabel("reported box AP (COCO val2017)")
-        axes.set_title(describe(points[0].config), fontsize=7, wrap=True)
+        axes.set_title(describe(points[0].config, points[0].fast_path), fontsize=7, wrap=True)
         axes.grid(True, alpha=0.3)
         axes.legend()
         figure.tight_layout()

@@ -64,12 +64,16 @@ def load_image(path: Path) -> Image.Image:
 
 
 class Detector:
-    """A detector in eval mode on one device, with its test pipeline and the class names its outputs index."""
+    """A detector in eval mode on one device, with its test pipeline and the class names its outputs index.
 
-    def __init__(self, model, classes: tuple[str, ...], device: str, pipeline) -> None:
+    `fast_path` says in words what recnext's inference fast path did to the model.
+    """
+
+    def __init__(self, model, classes: tuple[str, ...], device: str, pipeline, fast_path: str) -> None:
         self.model = model
         self.classes = classes
         self.device = device
+        self.fast_path = fast_path
         self._pipeline = pipeline
 
     def detect(self, image: Image.Image, image_path: Path, score_thr: float = DEFAULT_SCORE_THR) -> ImageResult:
@@ -120,8 +124,13 @@ class Detector:
         return tuple(detections)
 
 
-def load_detector(config_path: Path, checkpoint_path: Path, device: str | None = None) -> Detector:
-    """The detector `config_path` describes with the weights of `checkpoint_path`, on `device` (default: a GPU if visible)."""
+def load_detector(
+    config_path: Path, checkpoint_path: Path, device: str | None = None, fused: bool = True
+) -> Detector:
+    """The detector `config_path` describes with the weights of `checkpoint_path`, on `device` (default: a GPU if visible).
+
+    `fused`: run it through recnext's inference fast path (same detections); False keeps the published structure.
+    """
     config_path, checkpoint_path = Path(config_path), Path(checkpoint_path)
     for what, path in (("config", config_path), ("checkpoint", checkpoint_path)):
         if not path.is_file():
@@ -148,8 +157,11 @@ def load_detector(config_path: Path, checkpoint_path: Path, device: str | None =
     # Without a logger mmcv prints "load checkpoint from ..." to stdout, where --json output goes.
     checkpoint = CheckpointLoader.load_checkpoint(str(checkpoint_path), map_location="cpu", logger="silent")
     _load_weights(model, checkpoint, checkpoint_path, config_path)
-    model.to(device).eval()
-    return Detector(model, _class_names(checkpoint, cfg), device, _test_pipeline(cfg, config_path))
+    from recnext_cli.fastpath import choose_fast_path, speed_up_detector
+
+    plan = choose_fast_path(device, fused=fused)
+    model = speed_up_detector(model, plan, device=device)
+    return Detector(model, _class_names(checkpoint, cfg), device, _test_pipeline(cfg, config_path), plan.describe())
 
 
 def _load_weights(model, checkpoint, checkpoint_path: Path, config_path: Path) -> None:
@@ -206,9 +218,10 @@ def run_inference(
     images: Sequence[Path],
     score_thr: float = DEFAULT_SCORE_THR,
     device: str | None = None,
+    fused: bool = True,
 ) -> list[ImageResult]:
     """Load the detector once and run it on every image, in order; an unreadable image raises UsageError."""
-    detector = load_detector(config_path, checkpoint_path, device)
+    detector = load_detector(config_path, checkpoint_path, device, fused)
     return [detector.detect(load_image(path), path, score_thr) for path in images]
 
 

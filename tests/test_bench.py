@@ -21,18 +21,30 @@ from recnext_cli.bench import (
     count_flops,
     count_parameters,
     latency_stats,
+    machine_info,
     parse_input_size,
     percentile,
     plot_ap_vs_latency,
     random_backbone,
     time_calls,
+    untimed_calls,
+    write_result,
 )
 from recnext_cli.cli import app
 from recnext_cli.errors import EnvironmentProblem, UnknownModelError, UsageError
 from recnext_cli.fastpath import (
+    BF16_CPU_FLAGS,
+    PUBLISHED,
     ChannelsLastLinearAttention,
     ChannelsLastRecAttn,
-    OneDnnPointwiseConv,
+    FastPath,
+    FusedDownsample,
+    FusedResidualBlock,
+    FusedStem,
+    OneDnnConv,
+    SplitChannelDoublingConv,
+    choose_fast_path,
+    cpu_flags,
     prepare_for_inference,
     prepare_input,
     resolve_dtype,
@@ -56,10 +68,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-FAST_PATH_SETTINGS = {
-    "fused": dict(fused=True),
-    "fused+channels-last": dict(fused=True, channels_last=True),
-    "channels-last": dict(fused=False, channels_last=True),
+ONEDNN = torch.backends.mkldnn.is_available()
+FAST_PATHS = {
+    "default": choose_fast_path("cpu"),
+    "folded": FastPath(channels_last=False),
+    "folded+channels-last": FastPath(),
+    "channels-last": FastPath(fold_batchnorm=False),
 }
 
 
@@ -71,12 +85,36 @@ def test_fast_path_outputs_equal_the_published_model(name, size):
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference(images)
-    for label, settings in FAST_PATH_SETTINGS.items():
-        fast = prepare_for_inference(copy.deepcopy(reference), device="cpu", **settings)
+    for label, plan in FAST_PATHS.items():
+        fast = prepare_for_inference(copy.deepcopy(reference), plan, device="cpu")
         with torch.inference_mode():
-            outputs = fast(prepare_input(images, channels_last=settings.get("channels_last", False)))
+            outputs = fast(prepare_input(images, plan))
         assert [o.shape for o in outputs] == [e.shape for e in expected], label
         assert _relative_error(outputs, expected) <= TOLERANCE, label
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN")
+def test_the_default_cpu_fast_path_is_the_fused_channels_last_one_and_says_so():
+    plan = choose_fast_path("cpu")
+    assert plan == FastPath(channels_last=True, onednn_fusion=True)
+    assert "channels-last" in plan.describe() and "GELU" in plan.describe()
+    assert choose_fast_path("cpu", fused=False) == PUBLISHED
+    assert "published" in PUBLISHED.describe()
+    # Inductor cannot trace the oneDNN fusion kernels and fuses on its own.
+    assert choose_fast_path("cpu", compile=True) == FastPath(compile=True)
+    with pytest.raises(ValueError):
+        FastPath(fold_batchnorm=False, onednn_fusion=True)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN")
+def test_prepacked_weights_stay_correct_when_the_input_size_changes():
+    reference = random_backbone("a3")
+    plan = choose_fast_path("cpu")
+    fast = prepare_for_inference(copy.deepcopy(reference), plan)
+    with torch.inference_mode():
+        for height, width in ((64, 64), (96, 64), (64, 128)):
+            images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(height + width))
+            assert _relative_error(fast(prepare_input(images, plan)), reference(images)) <= TOLERANCE
 
 
 def test_random_backbone_has_batchnorms_that_are_not_the_identity():
@@ -84,24 +122,48 @@ def test_random_backbone_has_batchnorms_that_are_not_the_identity():
     assert norms and all((m.running_var != 1).all() and (m.running_mean != 0).all() for m in norms)
 
 
-def test_fast_path_rewrites_the_model():
+@pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN")
+@pytest.mark.parametrize("name", ["m3", "a3"])
+def test_fast_path_rewrites_the_model(name):
     # Equal outputs prove nothing if nothing was rewritten: check the rewrites happened.
-    fast = prepare_for_inference(random_backbone("a3"), fused=True, channels_last=True, device="cpu")
+    fast = prepare_for_inference(random_backbone(name), choose_fast_path("cpu"), device="cpu")
     kinds = {type(module) for module in fast.modules()}
-    assert nn.BatchNorm2d not in kinds
-    assert {ChannelsLastLinearAttention, ChannelsLastRecAttn} <= kinds
-    assert LinearAttention not in kinds
-    if torch.backends.mkldnn.is_available():
-        assert OneDnnPointwiseConv in kinds
-        assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in fast.modules())
-    weight = next(m.weight for m in fast.modules() if isinstance(m, nn.Conv2d) and m.weight.dim() == 4)
+    assert nn.BatchNorm2d not in kinds and nn.GELU not in kinds
+    assert {FusedResidualBlock, FusedDownsample, FusedStem, OneDnnConv, SplitChannelDoublingConv} <= kinds
+    # Every 1x1 convolution runs with its GELU or residual add fused, or as a grouped oneDNN convolution.
+    assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in fast.modules())
+    if name == "a3":
+        assert {ChannelsLastLinearAttention, ChannelsLastRecAttn} <= kinds and LinearAttention not in kinds
+    weight = next(m.weight for m in fast.modules() if isinstance(m, nn.Conv2d))
     assert weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_unfused_fast_path_without_channels_last_is_the_published_model():
     reference = random_backbone("m3")
-    plain = prepare_for_inference(copy.deepcopy(reference), fused=False, device="cpu")
+    plain = prepare_for_inference(copy.deepcopy(reference), PUBLISHED, device="cpu")
     assert [type(m) for m in plain.modules()] == [type(m) for m in reference.modules()]
+
+
+def test_warm_up_covers_what_a_prepared_model_does_once():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # CUDA graphs: compile on call 1, record on call 2, replay from call 3 on; none of that may be timed.
+    assert untimed_calls(FastPath(compile=True), cuda, warmup=0) == 3
+    assert untimed_calls(FastPath(compile=True), cpu, warmup=0) == 1
+    assert untimed_calls(FastPath(channels_last=True, onednn_fusion=True), cpu, warmup=0) == 1
+    assert untimed_calls(PUBLISHED, cpu, warmup=0) == 0
+    assert untimed_calls(FastPath(compile=True), cuda, warmup=10) == 10
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN")
+def test_no_one_time_work_is_left_for_the_first_timed_call():
+    plan = choose_fast_path("cpu")
+    fast = prepare_for_inference(random_backbone("m3"), plan)
+    images = prepare_input(torch.randn(1, 3, 64, 64), plan)
+    convs = [m for m in fast.modules() if isinstance(m, OneDnnConv)]
+    assert convs and all(conv.packed is None for conv in convs)
+    with torch.inference_mode():
+        time_calls(lambda: fast(images), warmup=untimed_calls(plan, torch.device("cpu"), warmup=0), iters=0)
+    assert all(conv.packed is not None and conv.packed.is_mkldnn for conv in convs)
 
 
 @pytest.mark.slow
@@ -109,10 +171,11 @@ def test_unfused_fast_path_without_channels_last_is_the_published_model():
 def test_compiled_fast_path_outputs_equal_the_published_model(name):
     reference = random_backbone(name)
     images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    fast = prepare_for_inference(copy.deepcopy(reference), fused=True, channels_last=True, compile=True, device="cpu")
+    plan = choose_fast_path("cpu", compile=True)
+    fast = prepare_for_inference(copy.deepcopy(reference), plan, device="cpu")
     with torch.inference_mode():
         expected = reference(images)
-        outputs = fast(prepare_input(images, channels_last=True))
+        outputs = fast(prepare_input(images, plan))
     assert _relative_error(outputs, expected) <= TOLERANCE
 
 
@@ -205,7 +268,7 @@ TINY = ["--input", "64x64", "--iters", "2", "--warmup", "1", "--threads", "1"]
 
 
 def test_cli_json_on_a_tiny_input():
-    result = _invoke("m3", "a3", *TINY, "--channels-last", "--json")
+    result = _invoke("m3", "a3", *TINY, "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [row["model"] for row in rows] == ["m3", "a3"]
@@ -214,7 +277,7 @@ def test_cli_json_on_a_tiny_input():
     assert m3["reported_box_ap"] == 41.7 and m3["reported_latency_ms"] == 5.2
     assert a3["reported_box_ap"] == 42.1 and a3["reported_latency_ms"] == 8.4
     for row in rows:
-        assert row["input_size"] == [64, 64] and row["channels_last"] and row["fused"]
+        assert row["input_size"] == [64, 64] and row["fused"] and row["fast_path"] == choose_fast_path("cpu").describe()
         assert 0 < row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
         assert row["throughput_img_s"] == pytest.approx(1000 / row["median_ms"])
         assert row["gflops"] == pytest.approx(2 * row["gmacs"]) and row["gflops"] > 0
@@ -227,7 +290,7 @@ def test_cli_markdown_table_shows_reported_numbers():
     assert lines[0].startswith("| Model | Params (M) | GFLOPs | Median (ms)")
     row = lines[2].split(" | ")
     assert row[0] == "| RecNeXt-A3" and row[-2:] == ["8.4ms", "42.1 |"]
-    assert "eager as published" in result.stdout
+    assert "published eager model" in result.stdout
 
 
 def test_cli_unknown_model():
@@ -249,15 +312,46 @@ def test_cli_cuda_without_a_gpu():
 
 def test_half_precision_on_cpu_is_refused_only_without_kernels():
     device = torch.device("cpu")
-    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        probe = torch.ones(1, 1, 1, 1, dtype=dtype)
-        try:
-            torch.mkldnn_convolution(probe, probe, None, [0, 0], [1, 1], [1, 1], 1)
-        except RuntimeError:
-            with pytest.raises(UsageError):
-                resolve_dtype(name, device)
-        else:
-            assert resolve_dtype(name, device) is dtype
+    probe = torch.ones(1, 1, 1, 1, dtype=torch.float16)
+    try:
+        torch.mkldnn_convolution(probe, probe, None, [0, 0], [1, 1], [1, 1], 1)
+    except RuntimeError:
+        with pytest.raises(UsageError):
+            resolve_dtype("fp16", device)
+    else:
+        assert resolve_dtype("fp16", device) is torch.float16
+
+
+def test_bf16_on_cpu_needs_the_bf16_instructions():
+    device = torch.device("cpu")
+    if BF16_CPU_FLAGS & cpu_flags() and ONEDNN:
+        assert resolve_dtype("bf16", device) is torch.bfloat16
+    else:
+        with pytest.raises(UsageError, match="avx512_bf16 or AMX"):
+            resolve_dtype("bf16", device)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_machine_info_for_benchmark_records(tmp_path):
+    info = machine_info(threads=1)
+    assert info["threads"] == 1 and len(info["load_average"]) == 3 and info["torch"] == torch.__version__
+    if info["machine"] == "x86_64":
+        assert "avx2" in info["cpu_flags"] or "sse4_2" in info["cpu_flags"]
+    path = write_result(tmp_path / "results" / "x.json", {"machine": info})
+    assert json.loads(path.read_text())["machine"] == info
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_cli_profile_lists_the_top_operators():
+    result = _invoke("m3", *TINY, "--profile", "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    operators = row["top_operators"]
+    assert 0 < len(operators) <= 15 and all(op["ms_per_call"] > 0 for op in operators)
+    assert any("conv" in op["name"] for op in operators)
+    assert sum(op["share"] for op in operators) <= 1.0 + 1e-9
+    table = _invoke("m3", *TINY, "--profile").stdout
+    assert "Top operators of RecNeXt-M3" in table
 
 
 def test_cli_writes_a_plot(tmp_path):
@@ -271,7 +365,9 @@ def test_cli_writes_a_plot(tmp_path):
 
 def _result(model, box_ap, median_ms):
     stats = LatencyStats(median_ms, median_ms * 0.9, median_ms * 1.1, median_ms, 5)
-    return BenchResult(model, f"RecNeXt-{model.upper()}", BenchConfig(), stats, 1000 / median_ms, 1, 2, None, box_ap)
+    return BenchResult(
+        model, f"RecNeXt-{model.upper()}", BenchConfig(), "fast", stats, 1000 / median_ms, 1, 2, None, box_ap
+    )
 
 
 def test_plot_needs_a_model_with_reported_ap(tmp_path):
@@ -291,7 +387,7 @@ def test_command_module_does_not_import_torch():
 @pytest.mark.skipif(importlib.util.find_spec("mmdet") is None, reason="mmdet is not installed")
 def test_cli_times_the_whole_detector():
     tiny = ["--input", "128x128", "--iters", "1", "--warmup", "1", "--threads", "1"]
-    result = _invoke("a3", "--part", "detector", *tiny, "--channels-last", "--json")
+    result = _invoke("a3", "--part", "detector", *tiny, "--json")
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     # Mask R-CNN around the backbone: FPN and heads add far more parameters than the 8.6 M of the A3 backbone.
@@ -303,8 +399,8 @@ def test_detector_needs_sides_that_are_multiples_of_32():
     assert isinstance(result.exception, UsageError)
 
 
-def test_detector_half_precision_needs_cuda_fp16():
-    result = _invoke("m3", "--part", "detector", "--device", "cpu", "--dtype", "bf16", "--input", "128x128")
+def test_detector_fp16_needs_cuda():
+    result = _invoke("m3", "--part", "detector", "--device", "cpu", "--dtype", "fp16", "--input", "128x128")
     assert isinstance(result.exception, UsageError)
     assert "fp16" in str(result.exception)
 
@@ -313,7 +409,7 @@ def test_detector_half_precision_needs_cuda_fp16():
 @pytest.mark.skipif(importlib.util.find_spec("mmdet") is None, reason="mmdet is not installed")
 def test_fast_backbone_inside_the_detector_feeds_fpn_equal_nchw_features():
     from recnext_cli.bench import build_random_detector
-    from recnext_cli.fastpath import NchwFeatures
+    from recnext_cli.fastpath import speed_up_detector
 
     detector = build_random_detector("a3")
     with torch.no_grad():
@@ -322,11 +418,12 @@ def test_fast_backbone_inside_the_detector_feeds_fpn_equal_nchw_features():
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 1.5)
     reference = copy.deepcopy(detector)
-    detector.backbone = NchwFeatures(prepare_for_inference(detector.backbone, fused=True, channels_last=True))
+    plan = choose_fast_path("cpu")
+    detector = speed_up_detector(detector, plan)
     images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference.extract_feat(images)
-        features = detector.extract_feat(prepare_input(images, channels_last=True))
+        features = detector.extract_feat(prepare_input(images, plan))
     assert len(features) == 5
     # mmcv's CPU RoIAlign reads these as contiguous NCHW.
     assert all(feature.is_contiguous() for feature in features)

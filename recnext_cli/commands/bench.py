@@ -50,18 +50,19 @@ def latency(
     fused: bool = typer.Option(
         True,
         "--fused/--no-fused",
-        help="Fold BatchNorms (and on CPU run 1x1 convs on oneDNN); --no-fused times the model as published.",
+        help="The fast path chosen for this device (stated under the table); --no-fused times the model as published.",
     ),
     dtype: Dtype = typer.Option(
-        Dtype.fp32, "--dtype", help="Precision of the timed model; fp16 on CPU needs AVX512-FP16."
+        Dtype.fp32,
+        "--dtype",
+        help="Precision of the timed model; on CPU bf16 needs avx512_bf16 or AMX, fp16 AVX512-FP16.",
     ),
     compile_model: bool = typer.Option(
         False, "--compile", help="torch.compile (CUDA graphs on cuda, weight freezing on cpu); compiling takes minutes."
     ),
-    channels_last: bool = typer.Option(
-        False, "--channels-last", help="NHWC memory format, and token-major attention in the A series."
+    warmup: int = typer.Option(
+        10, "--warmup", min=0, metavar="N", help="Untimed calls first (compiled models get at least what they need)."
     ),
-    warmup: int = typer.Option(10, "--warmup", min=0, metavar="N", help="Untimed calls first."),
     iters: int = typer.Option(50, "--iters", min=1, metavar="N", help="Timed calls."),
     threads: Optional[int] = typer.Option(
         None,
@@ -69,6 +70,9 @@ def latency(
         min=1,
         metavar="N",
         help="torch CPU threads; on a shared machine 1 gives the steadiest numbers.",
+    ),
+    profile: bool = typer.Option(
+        False, "--profile", help="Also list the operators taking the most time (torch.profiler, 3 calls)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of the Markdown table."),
     plot: Optional[Path] = typer.Option(
@@ -105,10 +109,10 @@ def latency(
         fused=fused,
         dtype=dtype.value,
         compile=compile_model,
-        channels_last=channels_last,
         warmup=warmup,
         iters=iters,
         threads=threads,
+        profile=profile,
     )
     console = Console(stderr=True)
     results = []

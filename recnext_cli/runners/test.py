@@ -50,12 +50,9 @@ def fuse_batch_norms(detector, device: str):
     """
     from mmcv.cnn import fuse_conv_bn
 
-    from recnext_cli.fastpath import prepare_for_inference
-    from recnext_cli.nn import RecNeXt
+    from recnext_cli.fastpath import speed_up_detector
 
-    if isinstance(detector.backbone, RecNeXt):
-        detector.backbone = prepare_for_inference(detector.backbone, fused=True, device=device)
-    return fuse_conv_bn(detector)
+    return fuse_conv_bn(speed_up_detector(detector, device=device))
 
 
 def write_json(path: Path, record: dict) -> None:
