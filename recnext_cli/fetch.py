@@ -697,10 +697,10 @@ def _stream(url: str, part: Path, progress: Progress | None, deadline: _Deadline
             pinned_size: int | None) -> tuple[str, int]:
     """Append `url`'s remaining bytes to `part` until it is complete, retrying and resuming; returns (sha256, size).
 
-    Gives up after RETRIES attempts in a row that kept no more bytes than the best attempt so far (bytes received
-    and then discarded are no progress), or when the deadline passes.
+    Gives up after more than RETRIES attempts in a row that kept no more bytes than the best attempt so far (bytes
+    received and then discarded are no progress), or when the deadline passes.
     """
-    failures = 0
+    stalled = 0  # attempts in a row that ended with no more bytes kept than the best before them
     with _PartFile(part, url) as out, _session() as session:
         best = out.size
         while True:
@@ -712,14 +712,15 @@ def _stream(url: str, part: Path, progress: Progress | None, deadline: _Deadline
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retryable) as exc:
                 if not deadline.remaining():
                     raise _deadline_error(url, out, deadline) from exc
-                failures = 1 if out.size > best else failures + 1
+                stalled = 0 if out.size > best else stalled + 1
                 best = max(best, out.size)
-                if failures > RETRIES:
+                if stalled > RETRIES:
+                    kept = f"the {out.size} bytes received are kept" if out.size and out.version else "nothing was kept"
                     raise DownloadError(
-                        f"cannot download {url}: {exc} (gave up after {RETRIES} attempts in a row that kept no new "
-                        f"bytes); the {out.size} bytes received are kept, run the same command again to resume"
+                        f"cannot download {url}: {exc} (gave up: {stalled} attempts in a row kept no new bytes); "
+                        f"{kept}, run the same command again to resume"
                     ) from exc
-                time.sleep(min(BACKOFF_SECONDS * 2 ** (failures - 1), deadline.remaining()))
+                time.sleep(min(BACKOFF_SECONDS * 2 ** max(stalled - 1, 0), deadline.remaining()))
             except requests.RequestException as exc:
                 raise DownloadError(f"cannot download {url}: {exc}") from exc
 

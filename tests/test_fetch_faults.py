@@ -85,7 +85,7 @@ def _scenarios() -> list[Scenario]:
         found.append(Scenario(f"changed-between-attempts-{i}", (run,), validators[i % 3]))
     for i in range(8):
         # ... or between two runs: the first gives up with a parked .part, the second finds V2 published.
-        runs = (Run((Fault(cut_after=_cuts(rng, 1)[0]),), None, True, retries=0), Run(publish=V2, expect="V2"))
+        runs = (Run((Fault(cut_after=_cuts(rng, 1)[0]), Fault(status=503)), None, True, retries=0), Run(publish=V2, expect="V2"))
         found.append(Scenario(f"changed-between-runs-{i}", runs, validators[i % 3]))
     for i in range(5):
         # A broken server that answers a resume with a tail of the new version although If-Range named the old one.
@@ -93,7 +93,7 @@ def _scenarios() -> list[Scenario]:
         found.append(Scenario(f"if-range-ignored-{i}", (run,)))
     for i in range(5):
         # A server without ETag or Last-Modified: nothing can prove a resume is the same version, so none happens.
-        runs = (Run((Fault(cut_after=_cuts(rng, 1)[0]),), None, True, retries=0), Run(publish=V2, expect="V2"))
+        runs = (Run((Fault(cut_after=_cuts(rng, 1)[0]), Fault(status=503)), None, True, retries=0), Run(publish=V2, expect="V2"))
         found.append(Scenario(f"no-validators-{i}", runs, validators="none"))
     for i in range(6):
         faults = tuple(Fault(cut_after=cut) for cut in _cuts(rng, 1 + i % 2))
