@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench clean
 
 $(BIN)/recnext: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,17 @@ test: setup
 
 test-fast: $(BIN)/recnext
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Raw results (JSON) under benchmarks/results/, then the README's table from them. A missed goal does not stop the
+# others (the leading -); its line in the table says so.
+RESULTS := benchmarks/results
+bench: setup
+	-$(BIN)/python benchmarks/latency.py --threads 1 --bf16 --out $(RESULTS)/latency-1-thread.json
+	-$(BIN)/python benchmarks/latency.py --threads 2 --bf16 --out $(RESULTS)/latency-2-threads.json
+	-$(BIN)/python benchmarks/detector.py --threads 2 --out $(RESULTS)/detector.json
+	-$(BIN)/python benchmarks/coco_eval.py --images 200 --out $(RESULTS)/coco_eval.json
+	-$(BIN)/python benchmarks/startup.py --out $(RESULTS)/startup.json
+	$(BIN)/python benchmarks/render_table.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

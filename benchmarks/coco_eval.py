@@ -1,6 +1,7 @@
 """Time mmdet's COCO evaluation of the same detections with pycocotools and with faster-coco-eval; check they agree.
 
 Run: .venv/bin/python benchmarks/coco_eval.py [--images 500] [--detections 100] [--rounds 3] [--size 480x640]
+     [--out benchmarks/results/coco_eval.json]
 
 The detections are Mask R-CNN-style results (boxes and RLE masks) made from the ground truth of a synthetic COCO set
 (`recnext_cli.synthetic`): every object is found once with a small shift, the other detections are far-off or
@@ -18,6 +19,7 @@ import contextlib
 import copy
 import gc
 import io
+import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from unittest import mock
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from recnext_cli.bench import machine_info, write_result
 from recnext_cli.compat.evaluator import EVALUATORS, use_coco_evaluator
 from recnext_cli.synthetic import make_synthetic_coco
 
@@ -138,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detections", type=int, default=100, help="detections per image, each with a mask")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", default="480x640", help="image HEIGHTxWIDTH")
+    parser.add_argument("--out", type=Path, help="also write the raw results here as JSON")
     args = parser.parse_args(argv)
+    machine = machine_info()
     height, width = (int(side) for side in args.size.split("x"))
 
     with tempfile.TemporaryDirectory() as root:
@@ -169,14 +174,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>12}: dataset.evaluate median {statistics.median(total[name]):.2f} s "
               f"({', '.join(f'{s:.2f}' for s in total[name])}), "
               f"of which COCOeval {statistics.median(inside[name]):.2f} s")
+    speedups = {}
     for part, seconds in (("dataset.evaluate", total), ("COCOeval alone", inside)):
         ratios = [slow / quick for slow, quick in zip(seconds[baseline], seconds[fast])]
-        print(f"speed-up of {part}: {statistics.median(ratios):.2f}x (median of {args.rounds} per-round ratios)")
+        speedups[part] = statistics.median(ratios)
+        print(f"speed-up of {part}: {speedups[part]:.2f}x (median of {args.rounds} per-round ratios)")
     print("metrics:", ", ".join(f"{key} {value:.4f}" for key, value in metrics[baseline].items()))
     disagree = {key: (metrics[baseline].get(key), metrics[fast].get(key))
                 for key in metrics[baseline].keys() | metrics[fast].keys()
                 if key not in metrics[baseline] or key not in metrics[fast]
                 or abs(metrics[baseline][key] - metrics[fast][key]) >= TOLERANCE}
+    if args.out:
+        write_result(args.out, {
+            "benchmark": "coco_eval", "images": args.images, "detections": detections, "rounds": args.rounds,
+            "machine": machine, "load_average_after": list(os.getloadavg()),
+            "median_s": {name: statistics.median(total[name]) for name in EVALUATORS},
+            "cocoeval_median_s": {name: statistics.median(inside[name]) for name in EVALUATORS},
+            "speedup": speedups["dataset.evaluate"], "cocoeval_speedup": speedups["COCOeval alone"],
+            "metrics_agree": not disagree,
+        })
     if disagree:
         print(f"metrics disagree (pycocotools, faster): {disagree}")
         return 1
