@@ -481,7 +481,7 @@ def _cpu_model() -> str:
 
 
 def write_result(path: Path, record: dict[str, Any]) -> Path:
-    """Write a benchmark's raw record as JSON through a temporary file beside `path`, so `path` is never half written."""
+    """Write a benchmark's raw record as JSON through a temporary file beside `path`: never a half-written `path`."""
     import json
     import os
     import tempfile
