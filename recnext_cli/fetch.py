@@ -210,6 +210,7 @@ def _ensure(checkpoint: Checkpoint, path: Path, progress: Progress | None, force
         )
     check_source(url)
     cache.checked_dir(create=True)
+    cache.read_manifest()  # a damaged manifest stops the run before any byte is fetched
     if path.is_symlink():
         raise IntegrityError(cache.link_message(path))
     with cache.lock(Path(f"{path}.lock"), deadline.remaining(), on_wait):
@@ -420,8 +421,9 @@ def read_checkpoint(path: Path, name: str | None = None) -> object:
         stored = sizes.get(f"{prefix}data/{tensor.storage.key}")
         if stored is None or stored < tensor.storage.numel * tensor.storage.itemsize:
             raise IntegrityError(f"{name} lacks the bytes of storage {tensor.storage.key!r}: the file is damaged")
-        if all(tensor.shape) and tensor.offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride)) >= tensor.storage.numel:
-            raise IntegrityError(f"{name} has a tensor reaching past its storage {tensor.storage.key!r}: the file is damaged")
+        last = tensor.offset + sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride))
+        if all(tensor.shape) and last >= tensor.storage.numel:
+            raise IntegrityError(f"{name} has a tensor reaching past storage {tensor.storage.key!r}: the file is damaged")
     return data
 
 
@@ -443,7 +445,9 @@ def check_structure(path: Path, checkpoint: Checkpoint) -> None:
     data = read_checkpoint(path, checkpoint.file_name)
     state = data.get(layout.container) if isinstance(data, dict) else None
     if not isinstance(state, dict):
-        raise IntegrityError(f"{checkpoint.file_name} has no {layout.container!r} state dict, where {checkpoint.kind} checkpoints keep it")
+        raise IntegrityError(
+            f"{checkpoint.file_name} has no {layout.container!r} state dict, where {checkpoint.kind} checkpoints keep it"
+        )
     backbone = {
         key.removeprefix(layout.backbone_prefix): value
         for key, value in state.items()
@@ -464,7 +468,9 @@ def check_structure(path: Path, checkpoint: Checkpoint) -> None:
     if absent:
         problems.append(f"no {', '.join(absent)} weights")
     if problems:
-        raise IntegrityError(f"{checkpoint.file_name} does not hold a {title} {checkpoint.kind} checkpoint: {'; '.join(problems)}")
+        raise IntegrityError(
+            f"{checkpoint.file_name} does not hold a {title} {checkpoint.kind} checkpoint: {'; '.join(problems)}"
+        )
 
 
 # Downloads. Each writer streams into <name>.<random>.part, a file only it has open, so two writers never interleave
@@ -762,8 +768,8 @@ def _fetch_rest(session: requests.Session, url: str, out: _PartFile, progress: P
                     out.restart()
                     if total is None:
                         raise DownloadError(
-                            f"{url} sent more than {MAX_DOWNLOAD_BYTES} bytes, the most recnext takes for an unpinned "
-                            "checkpoint; nothing was kept. Check RECNEXT_BASE_URL"
+                            f"{url} sent more than {MAX_DOWNLOAD_BYTES} bytes, the cap for unpinned checkpoints; "
+                            "nothing was kept. Check RECNEXT_BASE_URL"
                         )
                     raise _Retryable(f"{url} sent more bytes than the {total} it announced")
                 out.append(chunk)
@@ -856,8 +862,8 @@ def _expected_total(url: str, response: requests.Response, out: _PartFile, pinne
     if total is not None and total > MAX_DOWNLOAD_BYTES:
         out.restart()
         raise DownloadError(
-            f"{url} announces {total} bytes, more than the {MAX_DOWNLOAD_BYTES} recnext takes for an unpinned "
-            "checkpoint; nothing was downloaded. Check RECNEXT_BASE_URL"
+            f"{url} announces {total} bytes, over the {MAX_DOWNLOAD_BYTES}-byte cap for unpinned checkpoints; "
+            "nothing was downloaded. Check RECNEXT_BASE_URL"
         )
     out.begin(_validator(response), total if total is not None else pinned_size)
     return out.total

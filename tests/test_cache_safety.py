@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from httpserver import FileServer, checkpoint_bytes
+from test_errors_table import _pattern as readme_pattern
+from test_errors_table import readme_errors
 from recnext_cli import cache, fetch, zoo
 from recnext_cli.errors import IntegrityError, UsageError
 
@@ -182,15 +184,18 @@ RUN_CLI = textwrap.dedent(
 
 
 def run_cli(*args: str, limit: int = 0, torch: str = "torch") -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "400"}  # one line is one line, not a terminal-width wrap
     return subprocess.run([sys.executable, "-c", RUN_CLI, str(limit), torch, *args],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_a_full_disk_is_one_line_and_the_received_bytes_resume(server):
     full = run_cli("download", "m3", limit=400_000)
     assert full.returncode == 2, full.stderr
     [line] = full.stderr.strip().splitlines()
-    assert line.startswith("error: cannot use ") and "File too large" in line and "bytes already received are kept" in line
+    message, exit_code = readme_errors()["a full or read-only disk during `recnext download m3`"]
+    assert full.returncode == exit_code and readme_pattern(message).fullmatch(line), line
+    assert "File too large" in line
     part = entry(".part")
     kept = part.stat().st_size
     assert 0 < kept <= 400_000 and GOOD.startswith(part.read_bytes())

@@ -539,7 +539,7 @@ def test_a_redirect_from_https_to_http_is_refused(server, good, monkeypatch, tmp
 def test_a_body_announced_over_the_cap_is_refused_before_it_is_read(server, good, monkeypatch):
     monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", len(good) - 1)
     reports = []
-    with pytest.raises(DownloadError, match=f"announces {len(good)} bytes, more than the {len(good) - 1}"):
+    with pytest.raises(DownloadError, match=f"announces {len(good)} bytes, over the {len(good) - 1}-byte cap"):
         fetch.ensure_file(M3, reports.append)
     assert reports == [] and leftovers() == []
 

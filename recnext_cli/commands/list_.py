@@ -15,10 +15,7 @@ STATUS_MARKS = {
     "failed": "[red]✗[/]",
 }
 FIRST_SEEN_MARK = "*"
-LEGEND = (
-    "✓ verified against the zoo's pin  ✓* against the digest recorded when first downloaded (trust on first use)\n"
-    "? not verified yet  ✗ failed its check  – not cached"
-)
+LEGEND = "✓ pinned digest  ✓* first-seen digest  ? not checked  ✗ failed  – not cached"
 METRIC_COLUMNS = (
     ("APᵇ", "box_ap"),
     ("AP₅₀ᵇ", "box_ap50"),
@@ -71,8 +68,8 @@ def list_models(
         return
 
     pinned = sum(checkpoint.pinned for checkpoint in zoo.CHECKPOINTS.values())
-    trust = f"{pinned} of {len(zoo.CHECKPOINTS)} files pinned" if pinned else "no file is pinned yet: all are trusted on first use"
-    caption = f"{LEGEND}\n{trust}; cache: {escape(str(cache.checkpoints_dir()))}"
+    trust = f"{pinned} of {len(zoo.CHECKPOINTS)} files pinned" if pinned else "no file is pinned: each is trusted on first use"
+    caption = f"{LEGEND}\n{trust}\ncache: {escape(str(cache.checkpoints_dir()))}"
     table = Table(box=box.SIMPLE_HEAD, caption=caption, caption_justify="left", collapse_padding=True, pad_edge=False)
     table.add_column("Model", no_wrap=True)
     for title, _ in METRIC_COLUMNS:
