@@ -713,30 +713,33 @@ def _stream(url: str, part: Path, progress: Progress | None, deadline: _Deadline
             try:
                 _fetch_rest(session, url, out, progress, deadline, pinned_size)
                 return out.hexdigest(), out.size
-            except requests.exceptions.SSLError as exc:
-                raise DownloadError(f"cannot download {url}: TLS failed ({exc}); check the system certificates") from exc
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retryable) as exc:
                 if not deadline.remaining():
                     raise _deadline_error(url, out, deadline) from exc
+                if isinstance(exc, requests.exceptions.SSLError):
+                    raise DownloadError(f"cannot download {url}: TLS failed ({exc}); check the system certificates") from exc
                 stalled = 0 if out.size > best else stalled + 1
                 best = max(best, out.size)
                 if stalled > RETRIES:
-                    kept = f"the {out.size} bytes received are kept" if out.size and out.version else "nothing was kept"
                     raise DownloadError(
                         f"cannot download {url}: {exc} (gave up: {stalled} attempts in a row kept no new bytes); "
-                        f"{kept}, run the same command again to resume"
+                        f"{_kept(out)}"
                     ) from exc
                 time.sleep(min(BACKOFF_SECONDS * 2 ** max(stalled - 1, 0), deadline.remaining()))
             except requests.RequestException as exc:
                 raise DownloadError(f"cannot download {url}: {exc}") from exc
 
 
+def _kept(out: _PartFile) -> str:
+    if out.size and out.version:
+        return f"the {out.size} bytes received are kept, run the same command again to resume"
+    return "nothing was kept, run the same command again later"
+
+
 def _deadline_error(url: str, out: _PartFile, deadline: _Deadline) -> DownloadError:
-    kept = f"the {out.size} bytes received are kept, run it again to resume" if out.size and out.version else (
-        "nothing was kept"
-    )
     return DownloadError(
-        f"gave up on {url} after {deadline.seconds:g} s (the limit set by --timeout or RECNEXT_DOWNLOAD_TIMEOUT); {kept}"
+        f"gave up on {url} after {deadline.seconds:g} s (the limit set by --timeout or RECNEXT_DOWNLOAD_TIMEOUT); "
+        f"{_kept(out)}"
     )
 
 
@@ -777,18 +780,20 @@ def _fetch_rest(session: requests.Session, url: str, out: _PartFile, progress: P
                     progress(out.size, total)
         finally:
             watchdog.cancel()
+    if not deadline.remaining():
+        raise _Retryable("the deadline passed")  # the watchdog may have ended a body of unknown length early
     if total is not None and out.size < total:
         raise _Retryable(f"the connection closed after {out.size} of {total} bytes")
 
 
 def _shut(response: requests.Response) -> None:
-    connection = getattr(response.raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        try:
+    # Through a duplicate of the descriptor: http.client detaches the socket object from its connection for bodies
+    # that end when the connection closes, but shutting any descriptor of a socket ends every read on it.
+    try:
+        with socket.socket(fileno=os.dup(response.raw.fileno())) as sock:
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    except (OSError, ValueError):
+        pass  # the body ended and the connection closed meanwhile
 
 
 def _open(session: requests.Session, url: str, headers: dict[str, str], deadline: _Deadline) -> requests.Response:

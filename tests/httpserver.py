@@ -33,6 +33,7 @@ class Fault:
     delay: float = 0.0  # seconds between chunks of this response: a slow trickle
     content_length: int | None = None  # announce this Content-Length instead of the true one
     chunked: bool = False  # send no Content-Length, but Transfer-Encoding: chunked
+    unframed: bool = False  # send neither: the body ends when the server closes the connection
     set_cookie: str | None = None  # a Set-Cookie header on this response
 
 
@@ -135,6 +136,8 @@ class FileServer:
             handler.send_header(name, value)
         if fault.chunked:
             handler.send_header("Transfer-Encoding", "chunked")
+        elif fault.unframed:
+            handler.close_connection = True
         else:
             handler.send_header("Content-Length", str(fault.content_length if fault.content_length is not None
                                                       else len(payload)))

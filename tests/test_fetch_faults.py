@@ -35,6 +35,7 @@ class Run:
     fails: bool = False  # whether the call raises a RecnextError
     retries: int = 5
     force: bool = False
+    message: str = ""  # what the error must say, where it matters which failure it is
     publish: bytes | None = None  # the server switches to this version before the run
 
 
@@ -104,8 +105,12 @@ def _scenarios() -> list[Scenario]:
         run = Run(tuple(Fault(cut_after=cut) for _ in range(50)), None, True, retries=3)
         found.append(Scenario(f"range-ignored-always-cut-{i}", (run,), supports_range=False))
     for i in range(4):
-        run = Run(tuple(Fault(delay=0.05) for _ in range(3)), None, True)
+        run = Run(tuple(Fault(delay=0.05) for _ in range(3)), None, True, message="gave up on")
         found.append(Scenario(f"trickle-past-deadline-{i}", (run,), validators[i % 3], deadline=TRICKLE_DEADLINE))
+    for framing in ("chunked", "unframed"):
+        # Without a length, a body the deadline cut must not pass for a complete one.
+        run = Run(tuple(Fault(delay=0.05, **{framing: True}) for _ in range(3)), None, True, message="gave up on")
+        found.append(Scenario(f"trickle-{framing}-past-deadline", (run,), deadline=TRICKLE_DEADLINE))
     for i in range(2):
         found.append(Scenario(f"trickle-within-deadline-{i}", (Run((Fault(delay=0.002),)),)))
     for i in range(6):
@@ -120,6 +125,9 @@ def _scenarios() -> list[Scenario]:
     for i in range(2):
         faults = (Fault(cut_after=_cuts(rng, 1)[0]),) * i
         found.append(Scenario(f"https-direct-{i}", (Run(faults),), tls=True))
+    for framing in ("chunked", "unframed"):
+        run = Run(tuple(Fault(delay=0.05, **{framing: True}) for _ in range(3)), None, True, message="gave up on")
+        found.append(Scenario(f"https-trickle-{framing}-past-deadline", (run,), deadline=TRICKLE_DEADLINE, tls=True))
     for i in range(3):
         found.append(Scenario(f"oversized-announced-{i}", (Run((), None, True),), max_bytes=len(V1) - 1 - i * 1000))
     for i in range(3):
@@ -228,6 +236,7 @@ def test_a_faulty_transfer_leaves_no_corrupt_file_and_ends_in_time(scenario, tmp
             assert problems == []
             assert elapsed <= scenario.deadline + SLACK, f"run {number} took {elapsed:.2f} s"
             assert (failed is not None) == run.fails, f"run {number}: {failed}"
+            assert run.message in str(failed or "")
             final = cache.checkpoint_path(M3.file_name)
             content = final.read_bytes() if final.exists() else None
             assert content == {"V1": V1, "V2": V2, None: None}[run.expect], f"run {number}"
