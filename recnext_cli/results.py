@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from recnext_cli import zoo
+from recnext_cli import outputs, zoo
 from recnext_cli.errors import IntegrityError, UsageError
 
 # The six COCO numbers of the README table, by the names mmdet's CocoDataset.evaluate gives them, in column order.
 METRICS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "segm_mAP_75")
+# The zoo's published numbers (percent, as the README prints them) under the same names.
+_ZOO_FIELDS = dict(zip(METRICS, ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75")))
 HEADER = (
     "Model", "$AP^b$", "$AP_{50}^b$", "$AP_{75}^b$", "$AP^m$", "$AP_{50}^m$", "$AP_{75}^m$", "Latency", "Ckpt", "Log",
 )  # fmt: skip
@@ -57,6 +60,18 @@ def format_percent(fraction: float) -> str:
     return str((Decimal(repr(fraction)) * 100).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
 
 
+def percent_to_fraction(percent: float) -> float:
+    """41.7 -> 0.417, through the decimal text so that no binary rounding residue (0.41700000000000004) shows."""
+    return float(Decimal(repr(percent)) / 100)
+
+
+def published_metrics(model: zoo.Model) -> dict[str, float] | None:
+    """The README's COCO results of `model` as fractions under mmdet's names; None for classification-only sizes."""
+    if model.metrics is None:
+        return None
+    return {name: percent_to_fraction(getattr(model.metrics, field)) for name, field in _ZOO_FIELDS.items()}
+
+
 def reported_epoch(val_records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """The validation record the upstream README reports: the epoch with the highest box mAP.
 
@@ -70,9 +85,8 @@ def reported_epoch(val_records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any
 def read_result_file(path: Path) -> ResultRecord:
     """Read an mmdet `*.log.json` (the reported epoch is picked) or a recnext test-result JSON.
 
-    A recnext test result is one JSON object: {"model": "m3", "metrics": {"bbox_mAP": 0.417, "bbox_mAP_50": …,
-    "bbox_mAP_75": …, "segm_mAP": …, "segm_mAP_50": …, "segm_mAP_75": …, any other mmdet metric…},
-    "checkpoint": path or URL or null, "config": path or null}, metrics being fractions as mmdet's evaluate returns.
+    A recnext test result is the JSON object `evaluation_document` makes (files written before it carried a
+    schema version are read too).
     """
     path = Path(path)
     try:
@@ -86,7 +100,7 @@ def read_result_file(path: Path) -> ResultRecord:
     except json.JSONDecodeError:
         # A json log holds one object per line, so it is not one JSON document unless it has a single line.
         document = None
-    if isinstance(document, dict) and "metrics" in document:
+    if isinstance(document, dict) and ("metrics" in document or "schema" in document):
         return _test_result(document, path)
     return _mmdet_log(text, path)
 
@@ -95,7 +109,16 @@ def read_result_files(paths: Sequence[Path]) -> list[ResultRecord]:
     return [read_result_file(path) for path in paths]
 
 
+def evaluation_document(model_name: str, metrics: Mapping[str, Any], checkpoint: str, config: str) -> dict[str, Any]:
+    """What `recnext test` writes: {"schema": "recnext.test-result", "schema_version", "model", "metrics" (every
+    numeric metric mmdet's evaluate returned, AP as fractions; its `*_copypaste` strings are left out), "checkpoint",
+    "config"}."""
+    numeric = {key: float(value) for key, value in metrics.items() if isinstance(value, numbers.Real)}
+    return outputs.document("test-result", model=model_name, metrics=numeric, checkpoint=checkpoint, config=config)
+
+
 def _test_result(document: Mapping[str, Any], path: Path) -> ResultRecord:
+    outputs.check_version(document, "test-result", path)
     model, metrics = document.get("model"), document["metrics"]
     if not isinstance(model, str) or not model.strip():
         raise IntegrityError(f"{path}: a recnext test result needs a \"model\" string such as \"m3\"")
@@ -180,23 +203,23 @@ def _zoo_facts(model: str) -> tuple[float | None, str | None]:
     return latency_ms, checkpoint_url
 
 
-def table_rows(records: Sequence[ResultRecord]) -> list[dict[str, Any]]:
-    """Plain rows for `--json`: metrics in percent as in the table (rounded to one decimal), plus where they came from."""
+def results_document(records: Sequence[ResultRecord]) -> dict[str, Any]:
+    """`recnext results --json`: one row per record, its six AP fractions under "metrics", and where they came from."""
     rows = []
     for record in records:
         latency_ms, checkpoint_url = _zoo_facts(record.model)
-        row: dict[str, Any] = {"model": record.model, "name": record.name}
-        row.update({name: float(format_percent(record.metrics[name])) for name in METRICS})
-        row.update(
-            latency_ms=latency_ms,
-            checkpoint_url=checkpoint_url,
-            source=str(record.source),
-            epoch=record.epoch,
-            checkpoint=record.checkpoint,
-            config=record.config,
-        )
-        rows.append(row)
-    return rows
+        rows.append({
+            "model": record.model,
+            "name": record.name,
+            "metrics": {name: record.metrics[name] for name in METRICS},
+            "latency_ms": latency_ms,
+            "checkpoint_url": checkpoint_url,
+            "source": str(record.source),
+            "epoch": record.epoch,
+            "checkpoint": record.checkpoint,
+            "config": record.config,
+        })
+    return outputs.document("results", rows=rows)
 
 
 def markdown_table(records: Sequence[ResultRecord]) -> str:

@@ -49,15 +49,21 @@ def test_list_json_has_metrics_urls_and_cache_state(server):
     fetch.ensure_file(M3)
     result = invoke("list", "--json")
     assert result.exit_code == 0, result.output
-    rows = {row["name"]: row for row in json.loads(result.output)}
+    document = json.loads(result.output)
+    assert (document["schema"], document["schema_version"]) == ("recnext.list", 1)
+    assert list(document) == ["schema", "schema_version", "models"]
+    rows = {row["name"]: row for row in document["models"]}
     assert list(rows) == list(zoo.MODELS)
     m3 = rows["m3"]
-    assert m3["metrics"]["box_ap"] == 41.7 and m3["metrics"]["latency_ms"] == 5.2
+    # AP as fractions under mmdet's names, the unit of `recnext results --json` and of `recnext test`'s JSON.
+    assert m3["metrics"] == {"bbox_mAP": 0.417, "bbox_mAP_50": 0.634, "bbox_mAP_75": 0.454,
+                             "segm_mAP": 0.386, "segm_mAP_50": 0.605, "segm_mAP_75": 0.414}
+    assert m3["latency_ms"] == 5.2
     assert m3["config"] == "configs/mask_rcnn_recnext_m3_fpn_1x_coco.py"
     assert m3["checkpoint"]["status"] == "verified"
     assert m3["checkpoint"]["url"] == f"{server.url}/v1.0/{M3.file_name}"
     assert m3["pretrain"]["status"] == "missing"
-    assert rows["m0"]["checkpoint"] is None and rows["m0"]["metrics"] is None
+    assert rows["m0"]["checkpoint"] is None and rows["m0"]["metrics"] is None and rows["m0"]["latency_ms"] is None
 
 
 def test_list_table_is_shaped_like_the_readme(server):

@@ -20,6 +20,7 @@ from recnext_cli.results import (
     read_result_file,
     read_result_files,
     reported_epoch,
+    evaluation_document,
 )
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -127,6 +128,41 @@ def test_models_the_zoo_cannot_place_get_dashes(tmp_path):
     assert list(rows) == ["ResNet", "RecNeXt-M0"]
 
 
+def test_evaluation_document_keeps_numeric_metrics_as_fractions_and_is_read_back(tmp_path):
+    evaluated = {**metrics(0.4174, segm_mAP=0.3861), "bbox_mAP_s": 0.25,
+                 "bbox_mAP_copypaste": "0.417 0.5 0.5 0.25 0.5 0.5"}
+    document = evaluation_document("m3", evaluated, "ckpt.pth", "cfg.py")
+    assert list(document) == ["schema", "schema_version", "model", "metrics", "checkpoint", "config"]
+    assert (document["schema"], document["schema_version"]) == ("recnext.test-result", 1)
+    assert document["metrics"] == {**metrics(0.4174, segm_mAP=0.3861), "bbox_mAP_s": 0.25}
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(document))
+    record = read_result_file(path)
+    assert record.metrics["bbox_mAP"] == 0.4174 and record.metrics["segm_mAP"] == 0.3861
+    assert (record.model, record.checkpoint, record.config) == ("m3", "ckpt.pth", "cfg.py")
+
+
+def test_the_test_worker_writes_the_versioned_document():
+    from recnext_cli.runners import test as worker
+
+    assert worker.evaluation_document is evaluation_document
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ({"schema": "recnext.test-result", "schema_version": 2}, "newer than the 1 this recnext reads; upgrade"),
+        ({"schema": "recnext.results", "schema_version": 1}, "is a 'recnext.results' document"),
+        ({"schema_version": "1"}, "not a positive whole number"),
+    ],
+)
+def test_test_results_of_another_schema_or_a_newer_version_are_refused(tmp_path, header, message):
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({**header, "model": "m3", "metrics": metrics(0.4)}))
+    with pytest.raises(IntegrityError, match=message):
+        read_result_file(path)
+
+
 def test_recnext_test_result_json(tmp_path):
     path = tmp_path / "m5_test.json"
     document = {"model": "recnext_m5", "metrics": metrics(0.4462, bbox_mAP_s=0.27), "checkpoint": "c.pth", "config": "k.py"}
@@ -174,12 +210,19 @@ def test_command_prints_markdown_and_json(tmp_path):
 
     result = CliRunner().invoke(app, ["results", "--json", str(first), str(second)])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
-    assert [(row["model"], row["name"], row["epoch"], row["bbox_mAP"]) for row in rows] == [
-        ("m3", "RecNeXt-M3", 1, 41.7),
-        ("a3", "RecNeXt-A3", None, 42.1),
+    document = json.loads(result.output)
+    assert (document["schema"], document["schema_version"]) == ("recnext.results", 1)
+    rows = document["rows"]
+    # Fractions as read, not the table's rounded percent: 0.4174 stays 0.4174 (the table shows 41.7).
+    assert [(row["model"], row["name"], row["epoch"], row["metrics"]["bbox_mAP"]) for row in rows] == [
+        ("m3", "RecNeXt-M3", 1, 0.4174),
+        ("a3", "RecNeXt-A3", None, 0.4208),
     ]
-    assert rows[0]["source"] == str(first) and rows[0]["segm_mAP_75"] == 50.0
+    assert all(list(row["metrics"]) == list(METRICS) for row in rows)
+    assert rows[0]["source"] == str(first) and rows[0]["metrics"]["segm_mAP_75"] == 0.5
+    assert rows[0]["latency_ms"] == 5.2 and rows[1]["latency_ms"] == 8.4
+    assert set(rows[0]) == {"model", "name", "metrics", "latency_ms", "checkpoint_url", "source", "epoch",
+                            "checkpoint", "config"}
 
 
 def test_command_needs_a_file():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import typer
 
 # One symbol per cache status keeps the README-shaped table within 80 columns; the caption spells them out.
@@ -17,17 +14,19 @@ STATUS_MARKS = {
 FIRST_SEEN_MARK = "*"
 LEGEND = "✓ pinned digest  ✓* first-seen digest  ? not checked  ✗ failed  – not cached"
 METRIC_COLUMNS = (
-    ("APᵇ", "box_ap"),
-    ("AP₅₀ᵇ", "box_ap50"),
-    ("AP₇₅ᵇ", "box_ap75"),
-    ("APᵐ", "mask_ap"),
-    ("AP₅₀ᵐ", "mask_ap50"),
-    ("AP₇₅ᵐ", "mask_ap75"),
+    ("APᵇ", "bbox_mAP"),
+    ("AP₅₀ᵇ", "bbox_mAP_50"),
+    ("AP₇₅ᵇ", "bbox_mAP_75"),
+    ("APᵐ", "segm_mAP"),
+    ("AP₅₀ᵐ", "segm_mAP_50"),
+    ("AP₇₅ᵐ", "segm_mAP_75"),
 )
 
 
 def list_models(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON (schema recnext.list; AP as fractions 0-1) instead of a table.",
+    ),
 ) -> None:
     """List RecNeXt models: published COCO box/mask AP and latency, and whether each file is cached and verified."""
     from rich import box
@@ -35,7 +34,8 @@ def list_models(
     from rich.markup import escape
     from rich.table import Table
 
-    from recnext_cli import cache, fetch, zoo
+    from recnext_cli import cache, fetch, outputs, zoo
+    from recnext_cli.results import published_metrics
 
     def file_entry(checkpoint: zoo.Checkpoint | None) -> dict | None:
         if checkpoint is None:
@@ -57,14 +57,15 @@ def list_models(
             "series": model.series,
             "release_tag": model.release_tag,
             "config": model.config,
-            "metrics": dataclasses.asdict(model.metrics) if model.metrics else None,
+            "metrics": published_metrics(model),
+            "latency_ms": model.metrics.latency_ms if model.metrics else None,
             "checkpoint": file_entry(model.coco),
             "pretrain": file_entry(model.pretrain),
         }
         for model in zoo.MODELS.values()
     ]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(outputs.dumps(outputs.document("list", models=rows)))
         return
 
     pinned = sum(checkpoint.pinned for checkpoint in zoo.CHECKPOINTS.values())
@@ -79,15 +80,20 @@ def list_models(
     table.add_column("Pretrain", justify="center")
     for section in ([row for row in rows if row["metrics"]], [row for row in rows if not row["metrics"]]):
         for row in section:
-            table.add_row(row["title"], *_metric_cells(row["metrics"]), _file_cell(row["checkpoint"]), _file_cell(row["pretrain"]))
+            table.add_row(
+                row["title"], *_metric_cells(row["metrics"], row["latency_ms"]),
+                _file_cell(row["checkpoint"]), _file_cell(row["pretrain"]),
+            )
         table.add_section()
     Console().print(table)
 
 
-def _metric_cells(metrics: dict | None) -> list[str]:
+def _metric_cells(metrics: dict | None, latency_ms: float | None) -> list[str]:
+    from recnext_cli.results import format_percent
+
     if metrics is None:
         return ["—"] * (len(METRIC_COLUMNS) + 1)
-    return [f"{metrics[key]:.1f}" for _, key in METRIC_COLUMNS] + [f"{metrics['latency_ms']:.1f}ms"]
+    return [format_percent(metrics[key]) for _, key in METRIC_COLUMNS] + [f"{latency_ms:.1f}ms"]
 
 
 def _file_cell(entry: dict | None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -16,17 +15,20 @@ def results(
         "or recnext test-result .json files.",
         show_default=False,
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of the Markdown table."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the rows as JSON (schema recnext.results; AP as fractions 0-1) instead of the table.",
+    ),
 ) -> None:
     """Print the upstream README's results table (Markdown, ready to paste) for the given result files.
 
-    Values are COCO mAP ×100 to one decimal; Latency and Ckpt come from the zoo, '-' for models it does not know.
+    Table values are COCO mAP ×100 to one decimal; Latency and Ckpt come from the zoo, '-' for models it does not know.
     """
-    from recnext_cli.results import markdown_table, read_result_files, table_rows
+    from recnext_cli.outputs import dumps
+    from recnext_cli.results import markdown_table, read_result_files, results_document
 
     records = read_result_files(files)
     if as_json:
-        typer.echo(json.dumps(table_rows(records), indent=2))
+        typer.echo(dumps(results_document(records)))
     else:
         # Plain text, not a Rich table: the output is meant to be pasted into a README as it is.
         typer.echo(markdown_table(records), nl=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import numbers
 import os
 import sys
 import tempfile
@@ -13,6 +12,7 @@ from pathlib import Path
 from recnext_cli.compat.evaluator import EVALUATORS
 from recnext_cli.errors import IntegrityError
 from recnext_cli.launch import RUN_DIR_ENV, RUN_RESULT
+from recnext_cli.results import evaluation_document
 from recnext_cli.runners import add_common_arguments, build_detector, load_config, prepare_worker, run_worker
 
 # Keys of a config's `evaluation` dict that configure mmdet's EvalHook, not dataset.evaluate().
@@ -33,12 +33,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.fp16 and args.device != "cuda":
         parser.error("--fp16 needs --device cuda: mmcv's fp16 mode autocasts through torch.cuda.amp")
     return args
-
-
-def metrics_record(model_name: str, metrics: dict, checkpoint: str, config: str) -> dict:
-    """The metrics JSON `recnext results` reads: numeric metrics only (mmdet adds `*_copypaste` strings)."""
-    numeric = {key: float(value) for key, value in metrics.items() if isinstance(value, numbers.Real)}
-    return {"model": model_name, "metrics": numeric, "checkpoint": checkpoint, "config": config}
 
 
 def fuse_batch_norms(detector, device: str):
@@ -168,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_args = {k: v for k, v in cfg.get("evaluation", {}).items() if k not in EVAL_HOOK_KEYS}
         eval_args["metric"] = args.metrics
         metrics = dataset.evaluate(outputs, **eval_args)
-        record = metrics_record(args.model_name, metrics, args.checkpoint, args.config)
+        record = evaluation_document(args.model_name, metrics, args.checkpoint, args.config)
         write_json(args.out, record)
         run_dir = os.environ.get(RUN_DIR_ENV)
         if run_dir and os.path.isdir(run_dir):
