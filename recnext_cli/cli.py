@@ -6,29 +6,26 @@ import sys
 
 import typer
 
-from recnext_cli import __version__
 from recnext_cli.commands import bench, demo, doctor, download, infer, list_, pin, results, setup, test, train, verify
+from recnext_cli.commands.version import print_version
 from recnext_cli.errors import RecnextError
 
 app = typer.Typer(
     name="recnext",
     help="Reproduce RecNeXt Mask R-CNN results on current PyTorch: zoo, downloads, setup, test, train, benchmarks.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"recnext {__version__}")
-        raise typer.Exit()
-
-
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=print_version, is_eager=True,
+        help="Print recnext's version and the installed torch / mmcv / mmdet versions, then exit.",
+    ),
 ) -> None:
     """recnext: RecNeXt detection checkpoints that download, verify, test and train on today's PyTorch."""
 

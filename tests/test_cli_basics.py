@@ -41,7 +41,7 @@ def test_help_lists_commands_without_heavy_imports():
 def test_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
-    assert result.output.strip() == f"recnext {__version__}"
+    assert result.output.splitlines()[0].startswith(f"recnext {__version__} ")
 
 
 def test_library_errors_become_one_line_and_exit_2(tmp_path):
