@@ -150,6 +150,52 @@ def row_metrics_elsewhere(tmp: Path, env: dict):
             "--device", "cpu", "--data-root", str(data), "--out", str(tmp / "out.json")], None
 
 
+def _shapes(tmp: Path) -> Path:
+    from recnext_cli.synthetic import make_synthetic_coco
+
+    return make_synthetic_coco(tmp / "shapes", train_images=4, val_images=4).root
+
+
+def row_corrupt_checkpoint_in_two_workers(tmp: Path, env: dict):
+    _needs_stack()
+    checkpoint = _corrupt_checkpoint(tmp / "torn.pth")
+    return ["test", "tiny", "--config", str(TINY), "--checkpoint", str(checkpoint), "--gpus", "2", "--device", "cpu",
+            "--data-root", str(_shapes(tmp)), "--out", str(tmp / "out.json")], None
+
+
+def row_backbone_refuses_in_two_workers(tmp: Path, env: dict):
+    _needs_stack()
+    # The tiny config has init_cfg=None: _delete_ replaces it instead of merging into it.
+    return ["train", "tiny", "--config", str(TINY), "--gpus", "2", "--device", "cpu", "--data-root", str(_shapes(tmp)),
+            "--work-dir", str(tmp / "w"), "--cfg-options", "model.backbone.init_cfg._delete_=True",
+            "model.backbone.init_cfg.type=Pretrained"], None
+
+
+def row_cfg_options_the_config_refuses(tmp: Path, env: dict):
+    _needs_stack()
+    return ["train", "tiny", "--config", str(TINY), "--gpus", "2", "--device", "cpu", "--data-root", str(_shapes(tmp)),
+            "--work-dir", str(tmp / "w"), "--cfg-options", "model.backbone.init_cfg.type=Pretrained"], None
+
+
+def row_infer_corrupt_checkpoint(tmp: Path, env: dict):
+    _needs_stack()
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (90, 120, 200)).save(tmp / "image.png")
+    checkpoint = _corrupt_checkpoint(tmp / "torn.pth")
+    return ["infer", "tiny", str(tmp / "image.png"), "--config", str(TINY), "--checkpoint", str(checkpoint),
+            "--device", "cpu", "--out", str(tmp / "drawn")], None
+
+
+# Real workers: each starts torch and mmdet, so these take seconds each.
+SLOW_ROWS = {
+    "`recnext test … --checkpoint torn.pth --gpus 2` (a file cut short)": row_corrupt_checkpoint_in_two_workers,
+    "`recnext train … --gpus 2` whose backbone asks for a pretrain that is not set": row_backbone_refuses_in_two_workers,
+    "`recnext infer … --checkpoint torn.pth`": row_infer_corrupt_checkpoint,
+    "`recnext train … --cfg-options model.backbone.init_cfg.type=Pretrained` (the config has `init_cfg=None`)":
+        row_cfg_options_the_config_refuses,
+}
+
 ROWS = {
     "`recnext test m33 --device cpu` (no dataset at data/coco)": row_unknown_name_before_dataset,
     "`recnext test ../../../tmp/evil --config c.py --checkpoint w.pth`": row_name_outside_work_dirs,
@@ -182,10 +228,13 @@ def check_row(key: str, scenario, tmp_path: Path) -> None:
     args, afterwards = scenario(tmp_path, env)
     cwd = env.pop("cwd", tmp_path)
     result = run_cli(args, env, cwd)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == exit_code, result.stderr[-3000:]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert _pattern(message).fullmatch(lines[0]), f"{lines[0]!r} does not match the README's {message!r}"
+    # One error line, last, for the whole job, however many workers it had; before it at most the launcher's own
+    # progress lines ("starting 2 cpu worker(s) …"), never a traceback.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.rstrip("\n").endswith(errors[0]), result.stderr[-3000:]
+    assert _pattern(message).fullmatch(errors[0]), f"{errors[0]!r} does not match the README's {message!r}"
     if afterwards:
         afterwards()
 
@@ -193,6 +242,12 @@ def check_row(key: str, scenario, tmp_path: Path) -> None:
 @pytest.mark.parametrize("key", list(ROWS))
 def test_readme_error_row(key, tmp_path):
     check_row(key, ROWS[key], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", list(SLOW_ROWS))
+def test_readme_error_row_raised_inside_workers(key, tmp_path):
+    check_row(key, SLOW_ROWS[key], tmp_path)
 
 
 def test_the_readme_pattern_reader_sees_placeholders_and_literal_text():

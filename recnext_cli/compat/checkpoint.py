@@ -162,8 +162,14 @@ SAFE_LOADERS = {
 
 
 def load_failure(exc: BaseException) -> str:
-    """The reason torch gives for refusing a file, without the pages of generic advice before it."""
-    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    """The reason torch gives for refusing a file, without the pages of generic advice around it."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # a global outside the allow-list
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif text.startswith("Weights only load failed"):  # a blocked module (os, subprocess, ...)
+        paragraphs = [paragraph for paragraph in text.split("\n\n") if paragraph.strip()]
+        # torch's advice comes first and a link to its documentation last; the reason is what lies between.
+        text = " ".join(paragraphs[1:-1]) or text
     return " ".join(text.split())[:300] or type(exc).__name__
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from recnext_cli.errors import EnvironmentProblem, RecnextError
+from recnext_cli.errors import EnvironmentProblem, RecnextError, UsageError
 from recnext_cli.launch import DEVICES, LAUNCHERS, RUN_DIR_ENV
 
 # How long a worker that reported an error waits for the launcher to end the job before it exits by itself (the
@@ -83,14 +83,25 @@ def load_config(path: str, data_root: Path, cfg_options: list[str]):
 
     from recnext_cli.models import set_data_root
 
-    cfg = replace_cfg_vals(Config.fromfile(path))
+    try:
+        cfg = replace_cfg_vals(Config.fromfile(path))
+    except (SyntaxError, OSError, ImportError, KeyError, TypeError, ValueError) as exc:
+        # mmcv executes the config file and its _base_ files: any of these means the file, not recnext, is wrong.
+        raise UsageError(f"config {path} cannot be loaded: {_one_line(exc)}") from None
     set_data_root(cfg, data_root)
     if cfg_options:
         # mmcv's own parser for `KEY=VALUE`, so lists and tuples read as they do with mmdet's tools.
         parsed = argparse.Namespace()
-        DictAction(option_strings=[], dest="overrides")(None, parsed, cfg_options)
-        cfg.merge_from_dict(parsed.overrides)
+        try:
+            DictAction(option_strings=[], dest="overrides")(None, parsed, cfg_options)
+            cfg.merge_from_dict(parsed.overrides)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"--cfg-options {' '.join(cfg_options)}: {_one_line(exc)}") from None
     return cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def quiet_worker_output() -> None:
