@@ -10,7 +10,6 @@ provider is held to mmcv's own kernels on machines that never compile them. To r
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import sys
 from pathlib import Path
@@ -83,49 +82,53 @@ def nms_inputs() -> dict[str, np.ndarray]:
     wh = rng.uniform(8, 80, (count, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
     return {"boxes": boxes, "scores": rng.permutation(count).astype(np.float32) / count + 1e-3,
+            # Equal scores, as an RPN gives to anchors over padding: the order boxes are visited in matters.
+            "tied_scores": np.floor(rng.uniform(0, 16, count)).astype(np.float32) / 16,
             "labels": rng.integers(0, CLASSES, count).astype(np.int64)}
 
 
 def nms_cases():
-    """(key, box count, IoU threshold, offset) for mmcv.ops.nms."""
-    for count, threshold, offset in itertools.product(NMS_COUNTS, NMS_THRESHOLDS, (0, 1)):
-        yield f"n{count}_t{threshold}_o{offset}", count, threshold, offset
+    """(key, box count, IoU threshold, offset, scores) for mmcv.ops.nms."""
+    for count, threshold, offset, scores in itertools.product(NMS_COUNTS, NMS_THRESHOLDS, (0, 1),
+                                                              ("scores", "tied_scores")):
+        yield f"n{count}_t{threshold}_o{offset}_{scores}", count, threshold, offset, scores
 
 
 def batched_cases():
-    """(key, box count, class agnostic) for mmcv.ops.batched_nms; 12000 boxes take its per-class split path.
+    """(key, box count, class agnostic, scores) for mmcv.ops.batched_nms; 12000 boxes take its per-class split path.
 
     No empty case: mmcv's batched_nms itself fails on no boxes (`boxes.max()`), and mmdet checks before calling it."""
-    for count, agnostic in itertools.product([n for n in NMS_COUNTS if n], (False, True)):
-        yield f"n{count}_agn{int(agnostic)}", count, agnostic
+    for count, agnostic, scores in itertools.product([n for n in NMS_COUNTS if n], (False, True),
+                                                     ("scores", "tied_scores")):
+        yield f"n{count}_agn{int(agnostic)}_{scores}", count, agnostic, scores
 
 
-def run_nms(inputs, count, threshold, offset):
+def run_nms(inputs, count, threshold, offset, scores_key):
     import torch
     from mmcv.ops import nms
 
-    boxes, scores = torch.from_numpy(inputs["boxes"][:count]), torch.from_numpy(inputs["scores"][:count])
+    boxes, scores = torch.from_numpy(inputs["boxes"][:count]), torch.from_numpy(inputs[scores_key][:count])
     dets, kept = nms(boxes, scores, threshold, offset=offset)
     return dets.numpy(), kept.numpy()
 
 
-def run_batched_nms(inputs, count, agnostic):
+def run_batched_nms(inputs, count, agnostic, scores_key):
     import torch
     from mmcv.ops import batched_nms
 
-    boxes, scores = torch.from_numpy(inputs["boxes"][:count]), torch.from_numpy(inputs["scores"][:count])
+    boxes, scores = torch.from_numpy(inputs["boxes"][:count]), torch.from_numpy(inputs[scores_key][:count])
     labels = torch.from_numpy(inputs["labels"][:count])
     dets, kept = batched_nms(boxes, scores, labels, {"type": "nms", "iou_threshold": 0.5}, class_agnostic=agnostic)
     return dets.numpy(), kept.numpy()
 
 
 def detector_image() -> np.ndarray:
-    """A 50x76 RGB pattern, blown up 16x by the test below into an 800x1216 input."""
-    return np.random.default_rng(3).integers(0, 256, (50, 76, 3)).astype(np.uint8)
+    """A 20x30 RGB pattern, blown up 16x by the test below into a 320x480 input."""
+    return np.random.default_rng(3).integers(0, 256, (20, 30, 3)).astype(np.uint8)
 
 
 def run_detector(image: np.ndarray) -> dict[str, np.ndarray]:
-    """The published M3 Mask R-CNN with seeded weights on `image`: its boxes, labels and a digest of its masks."""
+    """The published M3 Mask R-CNN with seeded weights on `image`: its boxes, labels and masks (bit-packed)."""
     import torch
     from mmcv import Config
     from mmdet.models import build_detector
@@ -153,10 +156,8 @@ def run_detector(image: np.ndarray) -> dict[str, np.ndarray]:
         ((boxes_per_class, masks_per_class),) = detector.simple_test(pixels, [meta], rescale=True)
     boxes = np.concatenate(boxes_per_class).astype(np.float32)
     labels = np.concatenate([np.full(len(b), k) for k, b in enumerate(boxes_per_class)]).astype(np.int64)
-    masks = [np.asarray(mask, dtype=bool) for per_class in masks_per_class for mask in per_class]
-    digest = hashlib.sha256(b"".join(np.packbits(mask).tobytes() for mask in masks)).hexdigest()
-    return {"boxes": boxes, "labels": labels, "mask_areas": np.array([m.sum() for m in masks], dtype=np.int64),
-            "mask_digest": np.array(digest)}
+    masks = np.stack([np.asarray(mask, dtype=bool) for per_class in masks_per_class for mask in per_class])
+    return {"boxes": boxes, "labels": labels, "masks": np.packbits(masks, axis=-1), "mask_shape": np.array(masks.shape)}
 
 
 def compute() -> dict[str, np.ndarray]:
@@ -170,10 +171,10 @@ def compute() -> dict[str, np.ndarray]:
         arrays[f"roi_classout__{key}"], arrays[f"roi_classgrad__{key}"] = class_out, class_grad
     boxes = nms_inputs()
     arrays.update({f"nms_in__{k}": v for k, v in boxes.items()})
-    for key, count, threshold, offset in nms_cases():
-        arrays[f"nms_dets__{key}"], arrays[f"nms_keep__{key}"] = run_nms(boxes, count, threshold, offset)
-    for key, count, agnostic in batched_cases():
-        arrays[f"bnms_dets__{key}"], arrays[f"bnms_keep__{key}"] = run_batched_nms(boxes, count, agnostic)
+    for key, *case in nms_cases():
+        arrays[f"nms_dets__{key}"], arrays[f"nms_keep__{key}"] = run_nms(boxes, *case)
+    for key, *case in batched_cases():
+        arrays[f"bnms_dets__{key}"], arrays[f"bnms_keep__{key}"] = run_batched_nms(boxes, *case)
     image = detector_image()
     arrays["det_in__image"] = image
     arrays.update({f"det_out__{k}": v for k, v in run_detector(image).items()})

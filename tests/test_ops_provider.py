@@ -65,10 +65,13 @@ def test_reference_was_recorded_from_compiled_kernels_and_covers_every_case(reco
     for key, count, *_ in reference.nms_cases():
         assert len(recorded[f"nms_keep__{key}"]) <= count
     # NMS had work to do: the large cases drop boxes, and class-aware NMS keeps more than class-agnostic NMS.
-    assert 0 < len(recorded["nms_keep__n12000_t0.5_o0"]) < 12000
-    assert len(recorded["bnms_keep__n2000_agn0"]) > len(recorded["bnms_keep__n2000_agn1"])
+    assert 0 < len(recorded["nms_keep__n12000_t0.5_o0_scores"]) < 12000
+    assert len(recorded["bnms_keep__n2000_agn0_scores"]) > len(recorded["bnms_keep__n2000_agn1_scores"])
     # Past split_thr mmcv loops over the classes whatever `class_agnostic` says: the two agree there.
-    np.testing.assert_array_equal(recorded["bnms_keep__n12000_agn0"], recorded["bnms_keep__n12000_agn1"])
+    np.testing.assert_array_equal(recorded["bnms_keep__n12000_agn0_scores"],
+                                  recorded["bnms_keep__n12000_agn1_scores"])
+    # Tied scores change which boxes survive: the cases with ties test the order boxes are visited in.
+    assert not np.array_equal(recorded["nms_keep__n2000_t0.5_o0_scores"], recorded["nms_keep__n2000_t0.5_o0_tied_scores"])
     assert len(recorded["det_out__labels"]) > 10
 
 
@@ -104,8 +107,15 @@ def test_batched_nms_keeps_exactly_mmcvs_boxes_class_aware_agnostic_and_split(re
 def test_the_published_m3_detector_detects_the_same_under_both_providers(recorded, provided):
     np.testing.assert_array_equal(provided["det_out__labels"], recorded["det_out__labels"])
     assert np.abs(provided["det_out__boxes"] - recorded["det_out__boxes"]).max() <= 1e-3
-    np.testing.assert_array_equal(provided["det_out__mask_areas"], recorded["det_out__mask_areas"])
-    assert str(provided["det_out__mask_digest"]) == str(recorded["det_out__mask_digest"])
+    shape = tuple(recorded["det_out__mask_shape"])
+    assert tuple(provided["det_out__mask_shape"]) == shape
+    ours, theirs = (np.unpackbits(m["det_out__masks"], axis=-1, count=shape[-1]).astype(bool)
+                    for m in (provided, recorded))
+    differing = (ours != theirs).sum(axis=(1, 2))
+    print(f"{shape[0]} masks, {int(differing.sum())} pixels differ in all")
+    # Identical where the convolutions round as they did when recording; a CPU with other vector units may flip the
+    # odd pixel whose mask logit sits on the 0.5 threshold, never more than a sliver of a mask.
+    assert (differing <= np.maximum(2, theirs.sum(axis=(1, 2)) // 200)).all(), differing
 
 
 def test_provider_gives_the_answers_published_in_mmcvs_own_tests():

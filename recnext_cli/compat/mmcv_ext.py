@@ -72,9 +72,12 @@ def roi_align_backward(grad_output, rois, argmax_y, argmax_x, grad_input, aligne
 
 def nms(boxes, scores, iou_threshold, offset=0):
     """Indices of the kept boxes, highest score first, as mmcv's `nms` kernel returns them."""
-    if offset == 0:
-        return torch.ops.torchvision.nms(boxes, scores, float(iou_threshold))
-    return _nms_with_offset(boxes, scores, float(iou_threshold), int(offset))
+    if offset != 0:
+        return _nms_with_offset(boxes, scores, float(iou_threshold), int(offset))
+    # Equal scores are common (an RPN scores padding alike). mmcv visits boxes in the order of torch's default sort,
+    # torchvision in a stable sort's: handing torchvision the boxes already in mmcv's order makes the two agree.
+    order = scores.sort(0, descending=True)[1]
+    return order[torch.ops.torchvision.nms(boxes[order], scores[order], float(iou_threshold))]
 
 
 def _nms_with_offset(boxes, scores, iou_threshold: float, offset: int):
