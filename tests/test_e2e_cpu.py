@@ -26,9 +26,11 @@ TINY = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
 EPOCHS = 2
 
 
-def recnext(*args: str, marker: str = "", timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+def recnext(*args: str, marker: str = "", timeout: float = 600, extra_path: str | None = None,
+            extra_env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess; `marker` tags the environment of every process the job starts."""
-    env = {**os.environ, "RECNEXT_JOB_MARKER": marker, "PYTHONPATH": str(CONFIGS)}
+    path = os.pathsep.join(filter(None, (extra_path, str(CONFIGS))))
+    env = {**os.environ, "RECNEXT_JOB_MARKER": marker, "PYTHONPATH": path, **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "recnext_cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, **popen)
 
@@ -73,15 +75,57 @@ def test_training_with_two_workers_leaves_complete_checkpoints_and_a_json_log(tr
     assert {r["epoch"] for r in records if r.get("mode") == "train"} == set(range(1, EPOCHS + 1))
 
 
+# Imported by every process of a job whose PYTHONPATH holds its folder (Python's site hook). In a torchrun worker it
+# moves the process to a working directory of its own and, for ranks other than 0, hides the folder of --out
+# behind a private empty file system (a mount namespace): as if each worker ran on a machine of its own.
+SEPARATE_MACHINES = """\
+import ctypes, os
+if "LOCAL_RANK" in os.environ and "RECNEXT_TEST_MACHINES" in os.environ:
+    home = os.path.join(os.environ["RECNEXT_TEST_MACHINES"], "rank" + os.environ["RANK"])
+    os.makedirs(home, exist_ok=True)
+    os.chdir(home)
+    if os.environ["RANK"] != "0" and "RECNEXT_TEST_HIDDEN" in os.environ:
+        libc = ctypes.CDLL(None, use_errno=True)
+        MS_REC, MS_PRIVATE, CLONE_NEWNS = 16384, 1 << 18, 0x20000
+        assert libc.unshare(CLONE_NEWNS) == 0, os.strerror(ctypes.get_errno())
+        assert libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0, os.strerror(ctypes.get_errno())
+        out_dir = os.environ["RECNEXT_TEST_HIDDEN"].encode()
+        assert libc.mount(b"tmpfs", out_dir, b"tmpfs", 0, None) == 0, os.strerror(ctypes.get_errno())
+        open(os.path.join(home, "disk-hidden"), "w").close()
+"""
+
+
+def private_mounts_work() -> bool:
+    """Whether this process may make a mount namespace (root, or CAP_SYS_ADMIN), tried in a throwaway child."""
+    probe = "import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare(0x20000) != 0)"
+    return subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
 def test_short_training_learns_boxes_and_one_or_two_workers_agree(trained_dir, coco, tmp_path):
+    # The two workers run as on two machines: working directories of their own and, where mount namespaces are
+    # allowed, no shared folder beside --out either: their results can only meet through the process group.
+    hidden = private_mounts_work()
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SEPARATE_MACHINES)
     metrics = {}
     for workers in (1, 2):
-        out = tmp_path / f"{workers}.json"
+        out_dir = tmp_path / f"out{workers}"
+        out_dir.mkdir()
+        machines = {"RECNEXT_TEST_MACHINES": str(tmp_path / "machines")}
+        if hidden:
+            machines["RECNEXT_TEST_HIDDEN"] = str(out_dir)
         result = recnext("test", "tiny", "--config", str(TINY), "--checkpoint", str(trained_dir / "latest.pth"),
-                         "--device", "cpu", "--gpus", str(workers), "--data-root", str(coco), "--out", str(out))
+                         "--device", "cpu", "--gpus", str(workers), "--data-root", str(coco),
+                         "--out", str(out_dir / "result.json"),
+                         extra_path=str(tmp_path / "site") if workers == 2 else None,
+                         extra_env=machines if workers == 2 else {})
         assert result.returncode == 0, result.stderr[-4000:]
-        metrics[workers] = json.loads(out.read_text())["metrics"]
-        assert "| tiny |" in result.stdout  # the README-format row
+        metrics[workers] = json.loads((out_dir / "result.json").read_text())["metrics"]
+        assert "| tiny |" in result.stdout and f"({out_dir / 'result.json'})" in result.stdout  # the README row
+        assert [path.name for path in out_dir.iterdir()] == ["result.json"]  # no partial results beside it
+    assert sorted(path.name for path in (tmp_path / "machines").iterdir()) == ["rank0", "rank1"]
+    if hidden:
+        assert (tmp_path / "machines" / "rank1" / "disk-hidden").exists()
     assert metrics[1] == metrics[2]
     assert metrics[1]["bbox_mAP"] > 0.05, metrics[1]
 
@@ -113,7 +157,10 @@ def test_one_failing_worker_ends_the_job_with_no_worker_left(coco, tmp_path):
     assert processes_tagged(marker) == []
 
 
-def test_ctrl_c_stops_torchrun_and_every_worker(coco, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_any_end_of_the_launcher_ends_torchrun_and_every_worker(coco, tmp_path, sig):
+    # SIGINT is Ctrl-C, SIGHUP a closed terminal or ssh session, SIGKILL the OOM killer or `kill -9`: this last one
+    # recnext cannot pass on, so torchrun learns of it from the kernel and the workers from their vanished parent.
     marker = uuid.uuid4().hex
     env = {**os.environ, "RECNEXT_JOB_MARKER": marker}
     work_dir = tmp_path / "w"
@@ -121,11 +168,15 @@ def test_ctrl_c_stops_torchrun_and_every_worker(coco, tmp_path):
                             "--device", "cpu", "--gpus", "2", "--data-root", str(coco), "--work-dir", str(work_dir)],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    # Wait until the workers train (mmdet's json log gets its first lines), then press Ctrl-C.
-    while not any(p.stat().st_size for p in work_dir.glob("*.log.json")):
+    # Wait until the workers have joined the job and started mmdet's logger, then stop the launcher.
+    while not any("distributed: True" in p.read_text() for p in work_dir.glob("*.log")):
         assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()[-4000:] if job.stderr else ""
         time.sleep(0.2)
     assert len(processes_tagged(marker)) >= 4  # recnext, torchrun and two workers
-    job.send_signal(signal.SIGINT)
-    assert job.wait(timeout=90) == 128 + signal.SIGINT
+    job.send_signal(sig)
+    stopped = time.monotonic()
+    returncode = job.wait(timeout=30)
+    assert returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig)
+    while processes_tagged(marker) and time.monotonic() - stopped < 30:
+        time.sleep(0.2)
     assert processes_tagged(marker) == []

@@ -333,7 +333,9 @@ def show_result(out: Path, run_result: Path, topology) -> None:
         )
     metrics = json.loads(source.read_text())["metrics"]
     if all(key in metrics for key in results.METRICS):
-        typer.echo(results.markdown_table([results.read_result_file(source)]), nl=False)
+        # The run folder goes when the command ends: the row links to --out, which holds the same record.
+        record = dataclasses.replace(results.read_result_file(source), source=out)
+        typer.echo(results.markdown_table([record]), nl=False)
     else:
         # The README row needs both bbox and segm; with fewer metrics, show what was computed.
         for key, value in metrics.items():
