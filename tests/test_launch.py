@@ -442,16 +442,29 @@ def test_errors_in_torchrun_workers_come_back_as_one_line(tmp_path):
 
 def test_metrics_json_round_trips_into_recnext_results(tmp_path):
     from recnext_cli import results
-    from recnext_cli.runners.test import metrics_record, write_json
+    from recnext_cli.results import evaluation_document
+    from recnext_cli.runners.test import write_json
 
     metrics = {"bbox_mAP": 0.417, "bbox_mAP_50": 0.634, "bbox_mAP_75": 0.454, "segm_mAP": 0.386,
                "segm_mAP_50": 0.605, "segm_mAP_75": 0.414, "bbox_mAP_copypaste": "0.417 0.634 …"}
     out = tmp_path / "r.json"
-    write_json(out, metrics_record("m3", metrics, "/c.pth", "/cfg.py"))
+    write_json(out, evaluation_document("m3", metrics, "/c.pth", "/cfg.py"))
     document = json.loads(out.read_text())
     assert "bbox_mAP_copypaste" not in document["metrics"] and document["checkpoint"] == "/c.pth"
     row = results.markdown_table([results.read_result_file(out)]).splitlines()[-1]
     assert row.startswith("| RecNeXt-M3 | 41.7 | 63.4 | 45.4 | 38.6 | 60.5 | 41.4 |")
+
+
+def test_each_run_writes_its_metrics_through_a_temporary_file_of_its_own(tmp_path):
+    from recnext_cli.runners.test import write_json
+
+    out = tmp_path / "r.json"
+    elsewhere = tmp_path / "r.json.part"  # the one temporary name every run used to share
+    elsewhere.write_text("another run, half written")
+    write_json(out, {"model": "m3"})
+    assert json.loads(out.read_text()) == {"model": "m3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.json.part"]
+    assert elsewhere.read_text() == "another run, half written"
 
 
 class _RunnerWritingInPieces:
