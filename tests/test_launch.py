@@ -281,6 +281,17 @@ def test_files_named_on_the_command_line_must_exist(tmp_path):
     assert dry.exit_code == 0 and f"--config {tmp_path / 'c.py'} does not exist yet" in dry.stderr
 
 
+def test_the_launcher_refuses_a_torch_too_old_to_load_checkpoints_safely(monkeypatch):
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    # What the installed distribution metadata says where torch 2.5.1 is installed (weights-only unpickler CVE).
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.5.1" if name == "torch" else real_version(name))
+    pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
+    with pytest.raises(EnvironmentProblem, match=r"torch 2\.5\.1 in .* cannot load checkpoints safely .* >= 2\.6"):
+        launch.require_runner_stack()
+
+
 def _plan(code: str) -> launch.LaunchPlan:
     return launch.LaunchPlan((sys.executable, "-c", textwrap.dedent(code)), {})
 
