@@ -10,7 +10,6 @@ every interpreter of the environment and imports nothing heavy until `mmcv._ext`
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import os
 import sys
@@ -20,10 +19,14 @@ MODULE = "mmcv._ext"
 ENV_CHOICE = "RECNEXT_MMCV_OPS"
 CHOICES = ("auto", "torchvision", "compiled")
 PTH_NAME = "recnext_mmcv_ops.pth"
-# The .pth line: a no-op once recnext is uninstalled, never an error at start-up.
+# The .pth line: loads this one file by path (importing the recnext_cli.compat package would cost every interpreter
+# of the environment tens of milliseconds), and does nothing once recnext is uninstalled.
 PTH_LINE = (
-    "import importlib.util; importlib.util.find_spec('recnext_cli') is not None and "
-    "__import__('recnext_cli.compat.ext_hook', fromlist=['install']).install()\n"
+    "import sys, importlib.util as u; s = u.find_spec('recnext_cli'); "
+    "f = s and [d + '/compat/ext_hook.py' for d in s.submodule_search_locations or ()][:1]; "
+    "h = f and u.spec_from_file_location('recnext_cli.compat.ext_hook', f[0]); "
+    "m = h and sys.modules.setdefault(h.name, u.module_from_spec(h)); "
+    "m and (h.loader.exec_module(m), m.install())\n"
 )
 
 
@@ -32,7 +35,7 @@ def choice() -> str:
     return value if value in CHOICES else "auto"
 
 
-class _ProviderLoader(importlib.abc.Loader):
+class _ProviderLoader:  # the loader protocol; importlib.abc would cost every interpreter ~25 ms
     def create_module(self, spec):
         return None
 
@@ -45,7 +48,7 @@ class _ProviderLoader(importlib.abc.Loader):
         module.__getattr__ = mmcv_ext.__getattr__
 
 
-class ProviderFinder(importlib.abc.MetaPathFinder):
+class ProviderFinder:  # the meta path finder protocol
     """Answers only for `mmcv._ext`, and only when asked (the finders before it found no compiled extension)."""
 
     def find_spec(self, fullname, path=None, target=None):
