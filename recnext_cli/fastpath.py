@@ -88,6 +88,7 @@ class FastPath:
     channels_last: bool = True
     onednn_fusion: bool = False
     compile: bool = False
+    detector_heads: bool = False  # CPU rewrites of a detector's RoI extraction, FPN, RPN and mask paste
 
     def __post_init__(self) -> None:
         if self.onednn_fusion and not (self.fold_batchnorm and self.channels_last):
@@ -102,6 +103,7 @@ class FastPath:
                 ("channels-last", self.channels_last),
                 ("oneDNN conv+GELU / conv+add fusion, split channel-doubling convs", self.onednn_fusion),
                 ("torch.compile", self.compile),
+                ("detector heads: RoIAlign as gathers from channels-last maps", self.detector_heads),
             )
             if on
         ]
@@ -132,7 +134,7 @@ def choose_fast_path(
     if device.type == "cuda":
         return FastPath(compile=compile)
     onednn = torch.backends.mkldnn.is_available() and _onednn_runs(dtype)
-    return FastPath(channels_last=onednn, onednn_fusion=onednn and not compile, compile=compile)
+    return FastPath(channels_last=onednn, onednn_fusion=onednn and not compile, compile=compile, detector_heads=True)
 
 
 class OneDnnConv(nn.Module):
@@ -405,20 +407,26 @@ def prepare_input(
     return x.contiguous(memory_format=torch.channels_last) if plan.channels_last else x
 
 
-class NchwFeatures(nn.Module):
-    """A prepared backbone whose feature maps leave in NCHW memory order, in `dtype` (None: as computed).
+class DetectorFeatures(nn.Module):
+    """A prepared backbone handing its feature maps to the rest of a detector: in `dtype` (None: as computed), and in
+    NCHW memory order unless `channels_last` says the detector reads channels-last features correctly.
 
     mmcv 1.7's CPU RoIAlign indexes its input's data pointer as contiguous NCHW without checking, so channels-last
-    features reaching it through FPN would be read wrongly. A bf16 backbone hands fp32 features to an fp32 detector.
+    features reaching it through FPN would be read wrongly; `fast_detector.roi_align` reads them in place. A bf16
+    backbone hands fp32 features to an fp32 detector.
     """
 
-    def __init__(self, backbone: nn.Module, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, backbone: nn.Module, dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [feature.to(dtype=self.dtype or feature.dtype).contiguous() for feature in self.backbone(x)]
+        return [
+            feature.to(dtype=self.dtype or feature.dtype).contiguous(memory_format=self.memory_format)
+            for feature in self.backbone(x)
+        ]
 
 
 @torch.no_grad()
@@ -440,8 +448,13 @@ def speed_up_detector(
     device = torch.device(device)
     plan = plan or choose_fast_path(device, dtype)
     detector.eval()
+    channels_last_features = False
+    if plan.detector_heads:
+        from recnext_cli.fast_detector import speed_up_heads
+
+        channels_last_features = speed_up_heads(detector)
     if isinstance(detector.backbone, RecNeXt):
         backbone = prepare_for_inference(detector.backbone, plan, dtype=dtype, device=device)
         feature_dtype = torch.float32 if dtype is torch.bfloat16 else None
-        detector.backbone = NchwFeatures(backbone, feature_dtype)
+        detector.backbone = DetectorFeatures(backbone, feature_dtype, channels_last_features and plan.channels_last)
     return detector.to(device)

@@ -96,12 +96,12 @@ def test_fast_path_outputs_equal_the_published_model(name, size):
 @pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN")
 def test_the_default_cpu_fast_path_is_the_fused_channels_last_one_and_says_so():
     plan = choose_fast_path("cpu")
-    assert plan == FastPath(channels_last=True, onednn_fusion=True)
-    assert "channels-last" in plan.describe() and "GELU" in plan.describe()
+    assert plan == FastPath(channels_last=True, onednn_fusion=True, detector_heads=True)
+    assert "channels-last" in plan.describe() and "GELU" in plan.describe() and "RoIAlign" in plan.describe()
     assert choose_fast_path("cpu", fused=False) == PUBLISHED
     assert "published" in PUBLISHED.describe()
     # Inductor cannot trace the oneDNN fusion kernels and fuses on its own.
-    assert choose_fast_path("cpu", compile=True) == FastPath(compile=True)
+    assert choose_fast_path("cpu", compile=True) == FastPath(compile=True, detector_heads=True)
     with pytest.raises(ValueError):
         FastPath(fold_batchnorm=False, onednn_fusion=True)
 
