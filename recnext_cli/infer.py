@@ -18,6 +18,8 @@ from recnext_cli.errors import IntegrityError, UsageError
 
 DEFAULT_SCORE_THR = 0.3
 MASK_OPACITY = 0.45
+LABEL_PADDING = 2  # pixels between a label's text and the edge of its background
+MIN_LABEL_FONT_PX = 8  # smaller, the default font's letters run together
 # Successive multiples of the golden ratio spread hues evenly for any number of classes (80 for COCO).
 _GOLDEN_RATIO = 0.618033988749895
 
@@ -232,7 +234,10 @@ def class_colour(class_id: int) -> tuple[int, int, int]:
 
 
 def draw(image: Image.Image, detections: Sequence[Detection]) -> Image.Image:
-    """A copy of `image` with translucent masks, then boxes and `class score` labels, each in its class's colour."""
+    """A copy of `image` with translucent masks, then boxes and `class score` labels, each in its class's colour.
+
+    Labels stay whole inside the image, however small it is or however close to its edge a box lies.
+    """
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
     # Lowest score first, so the most confident mask is the one on top where masks overlap.
     for detection in sorted(detections, key=lambda detection: detection.score):
@@ -241,22 +246,78 @@ def draw(image: Image.Image, detections: Sequence[Detection]) -> Image.Image:
             pixels[detection.mask] = (1 - MASK_OPACITY) * pixels[detection.mask] + MASK_OPACITY * colour
     drawing = Image.fromarray(pixels.round().astype(np.uint8))
     canvas = ImageDraw.Draw(drawing)
-    longest_side = max(drawing.size)
-    line_width = max(1, round(longest_side / 400))
-    font = ImageFont.load_default(size=min(max(10, round(longest_side / 45)), 32))
+    line_width = max(1, round(max(drawing.size) / 400))
     for detection in detections:
         colour = class_colour(detection.class_id)
-        x0, y0, x1, y1 = detection.box
-        canvas.rectangle((x0, y0, x1, y1), outline=colour, width=line_width)
-        label = f"{detection.class_name} {detection.score:.2f}"
-        left, top, right, bottom = canvas.textbbox((0, 0), label, font=font)
-        text_width, text_height = right - left + 4, bottom - top + 4
-        # Above the box, or inside its top edge when the box touches the image's top.
-        label_y = y0 - text_height if y0 >= text_height else y0
-        canvas.rectangle((x0, label_y, x0 + text_width, label_y + text_height), fill=colour)
-        text_colour = (0, 0, 0) if sum(colour) > 3 * 150 else (255, 255, 255)
-        canvas.text((x0 + 2 - left, label_y + 2 - top), label, fill=text_colour, font=font)
+        canvas.rectangle(detection.box, outline=colour, width=line_width)
+        patch = label_patch(detection.class_name, detection.score, colour, drawing.size)
+        drawing.paste(patch, label_position(drawing.size, detection.box, patch.size))
     return drawing
+
+
+def label_patch(class_name: str, score: float, colour: tuple[int, int, int], image_size: tuple[int, int]) -> Image.Image:
+    """The `class score` label on its class colour, sized for an image of `image_size` and never wider than it.
+
+    The font grows with the image (10-32 px); where the label would still be wider than the image, the font shrinks
+    to MIN_LABEL_FONT_PX and then the class name is shortened with an ellipsis, keeping the score.
+    """
+    width, height = image_size
+    size = min(max(10, round(max(width, height) / 45)), 32)
+    score_text = f"{score:.2f}"
+    name = class_name
+    while True:
+        font = ImageFont.load_default(size=size)
+        text = f"{name} {score_text}" if name == class_name else f"{name}\u2026 {score_text}"
+        left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+        label_width = right - left + 2 * LABEL_PADDING
+        if label_width <= width or (size <= MIN_LABEL_FONT_PX and not name):
+            break
+        if size > MIN_LABEL_FONT_PX:
+            size -= 1
+        else:
+            name = name[:-1]
+    patch = Image.new("RGB", (min(label_width, width), min(bottom - top + 2 * LABEL_PADDING, height)), colour)
+    ImageDraw.Draw(patch).text((LABEL_PADDING - left, LABEL_PADDING - top), text, fill=text_colour(colour), font=font)
+    return patch
+
+
+def label_position(
+    image_size: tuple[int, int], box: tuple[float, float, float, float], label_size: tuple[int, int]
+) -> tuple[int, int]:
+    """Where a label's top-left corner goes: above the box's top-left corner, or inside its top edge where there is
+    no room above, moved left or up as far as needed to stay inside the image."""
+    (width, height), (label_width, label_height) = image_size, label_size
+    x0, y0 = round(box[0]), round(box[1])
+    y = y0 - label_height if y0 >= label_height else y0
+    return max(0, min(x0, width - label_width)), max(0, min(y, height - label_height))
+
+
+def text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black or white, whichever contrasts more with `background` (WCAG contrast ratio; the better is >= 4.58)."""
+    black, white = (0, 0, 0), (255, 255, 255)
+    return black if contrast_ratio(black, background) >= contrast_ratio(white, background) else white
+
+
+def contrast_ratio(first: tuple[int, int, int], second: tuple[int, int, int]) -> float:
+    """The WCAG 2 contrast ratio of two sRGB colours, from 1 (same luminance) to 21 (black on white)."""
+    lighter, darker = sorted((_relative_luminance(first), _relative_luminance(second)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def _relative_luminance(colour: tuple[int, int, int]) -> float:
+    linear = [(c / 255) / 12.92 if c <= 10 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in colour]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def mask_rle(mask: np.ndarray) -> dict:
+    """A boolean mask as COCO's compressed RLE, JSON-ready: {"size": [height, width], "counts": str}.
+
+    pycocotools.mask.decode gives the mask back after `counts` is encoded to bytes again.
+    """
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(side) for side in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
 def drawing_names(image_paths: Sequence[Path]) -> list[str]:

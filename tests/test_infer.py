@@ -64,8 +64,9 @@ def test_draw_tints_masks_in_the_class_colour_and_leaves_the_rest_alone():
     assert np.abs(drawing[35:48, 42:78] - expected).max() <= 1
     # The box outline is in the class colour (its bottom edge, below the label).
     assert (drawing[52, 50] == colour).all()
-    # Left of the box, right of it below its label, and below it, nothing changes.
-    assert (drawing[:, :36] == original[:, :36]).all()
+    # Left of the box and its label (moved left to end inside the image), right of it below the label, and below
+    # it, nothing changes.
+    assert (drawing[:, :30] == original[:, :30]).all()
     assert (drawing[29:, 84:] == original[29:, 84:]).all()
     assert (drawing[54:] == original[54:]).all()
 
@@ -316,21 +317,41 @@ def test_cli_reports_unreadable_images_and_still_draws_the_others(trained, shape
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image at all")
     missing = tmp_path / "missing.png"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    third = folder / "third.png"
+    Image.open(sorted(shapes.image_dir("val2017").glob("*.png"))[2]).save(third)
+    (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    result = recnext("infer", "tiny", str(first), str(missing), str(broken), str(jpeg), "--config", str(TINY),
-                     "--checkpoint", str(trained), "--out", str(out), "--device", "cpu", "--json")
+    nothing = str(tmp_path / "nothing-*.png")
+    result = recnext("infer", "tiny", str(first), str(missing), str(broken), str(tmp_path / "*.jpg"), str(folder),
+                     nothing, "--config", str(TINY), "--checkpoint", str(trained), "--out", str(out), "--device", "cpu",
+                     "--json")
 
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2, result.stderr[-3000:]
-    assert str(missing) in errors[0] and str(broken) in errors[1]
-    records = json.loads(result.stdout)
-    assert [record["image"] for record in records] == [str(first), str(jpeg)]
-    assert sorted(path.name for path in out.iterdir()) == sorted([first.name, "second.png"])
-    for record, source in zip(records, (first, jpeg)):
+    assert len(errors) == 3, result.stderr[-3000:]
+    assert nothing in errors[0] and str(missing) in errors[1] and str(broken) in errors[2]
+    document = json.loads(result.stdout)
+    assert (document["schema"], document["schema_version"], document["score_threshold"]) == ("recnext.infer", 1, 0.3)
+    records = document["images"]
+    assert [record["image"] for record in records] == [str(first), str(jpeg), str(third)]
+    assert sorted(path.name for path in out.iterdir()) == sorted([first.name, "second.png", "third.png"])
+    for record, source in zip(records, (first, jpeg, third)):
         assert record["drawing"] == str(out / Path(record["drawing"]).name)
         assert record["detections"], record
-        assert all(set(d) == {"class", "class_id", "score", "box", "mask_area"} for d in record["detections"])
+        for detection in record["detections"]:
+            assert set(detection) == {"class", "class_id", "score", "box", "mask_area", "mask"}
+            assert 0.3 < detection["score"] <= 1
+            # COCO RLE with str counts, as pycocotools reads it back.
+            rle = detection["mask"]
+            assert rle["size"] == [record["height"], record["width"]] and isinstance(rle["counts"], str)
+            mask = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
+            assert mask.shape == (record["height"], record["width"]) and int(mask.sum()) == detection["mask_area"]
+            x0, y0, x1, y1 = detection["box"]
+            rows, columns = np.nonzero(mask)
+            if len(rows):  # the mask lies within its box, give or take the rounding of the box's edges
+                assert x0 - 2 <= columns.min() and columns.max() <= x1 + 2 and y0 - 2 <= rows.min() <= rows.max() <= y1 + 2
         drawing, original = Image.open(record["drawing"]), Image.open(source).convert("RGB")
         assert drawing.size == original.size == (record["width"], record["height"])
         assert np.any(np.asarray(drawing.convert("RGB")) != np.asarray(original))
