@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-wheels clean
 
 $(BIN)/recnext: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: setup
 	-$(BIN)/python benchmarks/coco_eval.py --images 200 --out $(RESULTS)/coco_eval.json
 	-$(BIN)/python benchmarks/startup.py --out $(RESULTS)/startup.json
 	$(BIN)/python benchmarks/render_table.py
+
+# The wheels benchmarks/gpu_check.sh installs on a lent GPU machine, which has no network (README, "GPU check").
+gpu-wheels: $(BIN)/recnext
+	$(BIN)/python benchmarks/gpu_check.py wheels --dest .whl
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
