@@ -266,28 +266,39 @@ def install_ops_hook(python: str) -> bool:
 
 
 def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
-    """Install torch, mmcv (built once per key and cached) and mmdet into `options.python`."""
+    """Install torch, mmcv (built once per key and cached) and mmdet into `options.python`.
+
+    Each step asks package metadata first and imports torch only where it must (a compiled build, the final check):
+    an import of torch and mmdet costs seconds, and a fresh environment's set-up should take well under 3 minutes."""
     log_dir().mkdir(parents=True, exist_ok=True)
     log_path = log_dir() / f"setup-{time.strftime('%Y%m%d-%H%M%S')}.log"
     steps: list[str] = []
+    python = options.python
     with open(log_path, "w") as log:
-        pip = [options.python, "-m", "pip", "install", "--quiet"]
-        if installed_version(options.python, "torch") != TORCH_VERSION or \
-                installed_version(options.python, "torchvision") != TORCHVISION_VERSION:
+        pip = [python, "-m", "pip", "install", "--quiet"]
+        if installed_version(python, "torch") != TORCH_VERSION or \
+                installed_version(python, "torchvision") != TORCHVISION_VERSION:
             report(f"installing torch {TORCH_VERSION} and torchvision {TORCHVISION_VERSION}")
             _run(pip + [f"torch=={TORCH_VERSION}", f"torchvision=={TORCHVISION_VERSION}"], log)
             steps.append(f"installed torch {TORCH_VERSION}, torchvision {TORCHVISION_VERSION}")
-        torch = torch_facts(options.python)
-        if torch is None:
-            raise EnvironmentProblem(f"torch does not import in {options.python}; see {log_path}")
-        cuda_kernels = options.compile_ops and bool(shutil.which("nvcc") and local_gpu_arch(options.python))
-        if options.compile_ops and not cuda_kernels:
-            report("no nvcc or no visible GPU: compiling CPU kernels only (GPU tensors use torchvision's kernels)")
+        torch = {"version": installed_version(python, "torch")}
+        cuda_kernels = False
+        if options.compile_ops:
+            torch = torch_facts(python)
+            if torch is None:
+                raise EnvironmentProblem(f"torch does not import in {python}; see {log_path}")
+            cuda_kernels = bool(shutil.which("nvcc") and local_gpu_arch(python))
+            if not cuda_kernels:
+                report("no nvcc or no visible GPU: compiling CPU kernels only (GPU tensors use torchvision's kernels)")
         key = build_key(torch, options.compile_ops, cuda_kernels)
-        if install_ops_hook(options.python):
+        if install_ops_hook(python):
             steps.append("registered recnext's RoIAlign/NMS provider for mmcv (a one-line .pth file in site-packages)")
-        installed = probe_mmdet_stack(options.python)
-        changed = False
+        mmcv_dists = [dist for dist in ("mmcv", "mmcv-full") if installed_version(python, dist)]
+        if mmcv_dists or installed_version(python, "mmdet"):
+            installed = probe_mmdet_stack(python)
+        else:  # a fresh environment: nothing to probe
+            installed = InstalledStack(None, None, None)
+        packages: list[str] = []
         if not mmcv_install_needed(installed, key, options):
             steps.append(f"mmcv {MMCV_VERSION} ({describe_flavour(installed.mmcv_flavour)}) already works with torch "
                          f"{torch['version']}")
@@ -297,20 +308,21 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
                 wheel = build_mmcv_wheel(key, torch, options, log, report)
                 steps.append(f"built {wheel.name} ({wheel.stat().st_size / 2**20:.1f} MB) into {wheel.parent}")
             report(f"installing {wheel.name}")
-            # The two distributions own the same `mmcv` package directory: remove whichever is there first.
-            _run([options.python, "-m", "pip", "uninstall", "--yes", "--quiet", "mmcv", "mmcv-full"], log)
+            if mmcv_dists:
+                # The two distributions own the same `mmcv` package directory: remove whichever is there first.
+                _run([python, "-m", "pip", "uninstall", "--yes", "--quiet", *mmcv_dists], log)
+            # Without its declared dependencies: mmcv-full's pull in OpenCV's GUI build; the headless one is enough.
             _run(pip + ["--no-deps", str(wheel)], log)
-            _run(pip + ["addict", "packaging", "pyyaml", "yapf>=0.43", "opencv-python-headless", "pillow"], log)
+            packages += ["addict", "packaging", "pyyaml", "yapf>=0.43", "opencv-python-headless", "pillow"]
             steps.append(f"installed mmcv {MMCV_VERSION} ({describe_flavour(key.flavour)})")
-            changed = True
         if installed.mmdet != MMDET_VERSION:
-            report(f"installing mmdet {MMDET_VERSION}")
-            _run(pip + [f"mmdet=={MMDET_VERSION}"], log)
+            packages.append(f"mmdet=={MMDET_VERSION}")
             steps.append(f"installed mmdet {MMDET_VERSION}")
-            changed = True
-        if changed:
+        if packages:
+            report(f"installing {', '.join(packages)}")
+            _run(pip + packages, log)
             report("checking that mmcv.ops and mmdet import")
-            after = probe_mmdet_stack(options.python)
+            after = probe_mmdet_stack(python)
             if (after.mmcv, after.mmdet) != (MMCV_VERSION, MMDET_VERSION):
                 raise EnvironmentProblem(f"mmcv.ops or mmdet does not import after setup; see {log_path}")
     return SetupResult(steps=steps, log_path=log_path)
