@@ -14,14 +14,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("mmdet")
 
 from recnext_cli import compat, diagnose  # noqa: E402
-from recnext_cli.compat import checks, ddp  # noqa: E402
+from recnext_cli.compat import checks  # noqa: E402
 from recnext_cli.compat._util import original_of  # noqa: E402
 
 
 def test_ddp_forward_check_fails_on_mmcvs_original_and_passes_patched(monkeypatch):
     from mmcv.parallel import MMDistributedDataParallel
 
-    ddp.patch_run_ddp_forward()
+    compat.apply_all()
     assert checks.ddp_forward() is None
     monkeypatch.setattr(MMDistributedDataParallel, "_run_ddp_forward",
                         original_of(MMDistributedDataParallel._run_ddp_forward))
@@ -31,9 +31,7 @@ def test_ddp_forward_check_fails_on_mmcvs_original_and_passes_patched(monkeypatc
 def test_checkpoint_check_fails_on_mmcvs_loader_and_on_an_unguarded_one(monkeypatch):
     from mmcv.runner.checkpoint import CheckpointLoader
 
-    from recnext_cli.compat import checkpoint
-
-    checkpoint.patch()
+    compat.apply_all()
     assert checks.checkpoint_loading() is None
     monkeypatch.setitem(CheckpointLoader._schemes, "", original_of(CheckpointLoader._schemes[""]))
     assert "Weights only load failed" in checks.checkpoint_loading()
@@ -46,7 +44,7 @@ def test_checkpoint_check_fails_on_mmcvs_loader_and_on_an_unguarded_one(monkeypa
 def test_cpu_distributed_check_fails_on_mmdets_build_ddp_and_passes_patched(monkeypatch):
     import mmdet.utils
 
-    ddp.patch_cpu_distributed()
+    compat.apply_all()
     assert checks.cpu_distributed() is None
     monkeypatch.setattr(mmdet.utils, "build_ddp", original_of(mmdet.utils.build_ddp))
     assert "Only available for cuda" in checks.cpu_distributed()

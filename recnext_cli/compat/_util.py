@@ -23,5 +23,7 @@ def is_marked(obj) -> bool:
 
 
 def original_of(obj):
-    """The unpatched object behind a replacement (the object itself when it was never patched)."""
-    return getattr(obj, "__dict__", {}).get(ORIGINAL, obj)
+    """The unpatched object behind a replacement, however many times it was patched (the object itself when never)."""
+    while is_marked(obj):
+        obj = obj.__dict__[ORIGINAL]
+    return obj
