@@ -279,9 +279,9 @@ def test_drawn_detections_match_ground_truth_shapes(trained, shapes, tmp_path):
     # One match is what the drawing needs; half the shapes leaves a wide margin below what training reaches.
     assert shapes_found >= shape_count / 2, f"{shapes_found} of {shape_count} shapes found (box and mask IoU > 0.5)"
 
-    # Boxes and labels are drawn over the masks, and a more confident mask covers a less confident one: check the fill
-    # where neither happens. A pixel untouched by the boxes and labels keeps its value on both a black and a white
-    # canvas; one that changed on either is covered.
+    # Boxes and labels are drawn over the masks, and masks overlapping it blend on top of or beneath its colour: check
+    # the fill where none of that happens. A pixel untouched by the boxes and labels keeps its value on both a black
+    # and a white canvas; one that changed on either is covered.
     def uncovered_fill(result, detection):
         size = (result.width, result.height)
         outlines = [replace(other, mask=None) for other in result.detections]
@@ -289,10 +289,8 @@ def test_drawn_detections_match_ground_truth_shapes(trained, shapes, tmp_path):
         for level in (0, 255):
             blank = Image.new("RGB", size, (level, level, level))
             untouched &= (np.asarray(infer.draw(blank, outlines)) == level).all(axis=2)
-        painted = sorted(result.detections, key=lambda other: other.score)  # the order draw() paints masks in
-        later = painted[next(i for i, other in enumerate(painted) if other is detection) + 1:]
-        above = [other.mask for other in later if other.mask is not None]
-        return detection.mask & untouched & ~np.logical_or.reduce(above, initial=np.zeros_like(untouched))
+        others = [other.mask for other in result.detections if other is not detection and other.mask is not None]
+        return detection.mask & untouched & ~np.logical_or.reduce([np.zeros_like(untouched), *others])
 
     result, detection = max(matches, key=lambda match: uncovered_fill(*match).sum())
     fill = uncovered_fill(result, detection)
