@@ -105,9 +105,13 @@ def _backbone_state(path: Path) -> dict:
     if not isinstance(document, dict):
         raise IntegrityError(f"{path} holds a {type(document).__name__}, not a checkpoint dictionary")
     if any(key.startswith("backbone.") for key in document):
-        document = {key.removeprefix("backbone."): value for key, value in document.items() if key.startswith("backbone.")}
+        document = {
+            key.removeprefix("backbone."): value for key, value in document.items() if key.startswith("backbone.")
+        }
     # An ImageNet checkpoint's classifier is no part of the feature extractor.
-    return {key: value for key, value in document.items() if isinstance(value, torch.Tensor) and not key.startswith("head.")}
+    return {
+        key: value for key, value in document.items() if isinstance(value, torch.Tensor) and not key.startswith("head.")
+    }
 
 
 def fold_for_export(backbone):

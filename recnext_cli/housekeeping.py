@@ -200,8 +200,8 @@ def _checkpoint_entries(root: Path, folder: Path, now: float) -> list[Entry]:
             found.append(Entry(relative, CHECKPOINT, (path,), tree_size(path), f"{title} {what}",
                                lock=Path(f"{path}.lock"), file_name=name))
         elif name == cache.manifest_path().name:
-            found.append(Entry(relative, MANIFEST, (path,), tree_size(path), "digests recorded when files were first seen",
-                               lock=Path(f"{path}.lock")))
+            note = "digests recorded when files were first seen"
+            found.append(Entry(relative, MANIFEST, (path,), tree_size(path), note, lock=Path(f"{path}.lock")))
         elif name.endswith(".lock"):
             owner = name.removesuffix(".lock")
             held = _held(path)
@@ -216,8 +216,8 @@ def _checkpoint_entries(root: Path, folder: Path, now: float) -> list[Entry]:
                                    stale="its partial download is gone" if _age(path, now) > ABANDONED_SECONDS else None,
                                    file_name=_part_owner(name.removesuffix(".json"))))
         elif _MANIFEST_TEMPORARY.fullmatch(name):
-            found.append(Entry(relative, PARTIAL, (path,), tree_size(path), "manifest being written",
-                               stale="left by a writer that was stopped" if _age(path, now) > ABANDONED_SECONDS else None))
+            stale = "left by a writer that was stopped" if _age(path, now) > ABANDONED_SECONDS else None
+            found.append(Entry(relative, PARTIAL, (path,), tree_size(path), "manifest being written", stale))
         else:
             found.append(Entry(relative, OTHER, (path,), tree_size(path), "not recnext's; left alone by clean"))
     return found

@@ -112,7 +112,8 @@ def test_ls_json_lists_every_entry_with_its_size_and_what_is_stale(filled):
     assert entries[f"checkpoints/{M3}"]["note"] == "RecNeXt-M3 COCO detector"
     # A .part and its sidecar are one entry.
     assert entries[f"checkpoints/{A3_PRETRAIN}.part"]["size_bytes"] == 3050
-    assert entries["wheels/mmcv-full-old"]["size_bytes"] == 4000 + len((filled / "wheels/mmcv-full-old/build.json").read_bytes())
+    build_json = filled / "wheels" / "mmcv-full-old" / "build.json"
+    assert entries["wheels/mmcv-full-old"]["size_bytes"] == 4000 + len(build_json.read_bytes())
     assert "built for torch 1.13.1" in entries["wheels/mmcv-full-old"]["stale"]
     assert document["total_bytes"] == sum(entry["size_bytes"] for entry in entries.values())
 

@@ -91,7 +91,8 @@ def test_install_completion_writes_a_script_that_bash_runs(tmp_path):
     # The installed function, called as bash calls it on <TAB> (command, word, previous word), asks the real
     # `recnext` for the candidates.
     env["PATH"] = os.pathsep.join([str(RECNEXT.parent), env.get("PATH", "")])
-    probe = f'source "{script}"; COMP_WORDS=(recnext doc); COMP_CWORD=1; _recnext_completion recnext doc recnext; echo "${{COMPREPLY[@]}}"'
+    probe = (f'source "{script}"; COMP_WORDS=(recnext doc); COMP_CWORD=1; _recnext_completion recnext doc recnext; '
+             'echo "${COMPREPLY[@]}"')
     answered = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout.split() == ["doctor"]

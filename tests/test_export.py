@@ -126,7 +126,8 @@ def test_onnx_backbone_matches_pytorch_within_1e_4(name, tmp_path, one_thread):
     folded = export.fold_for_export(published)
     image = np.random.default_rng(7).standard_normal((2, 3, 96, 128), dtype=np.float32)
     got = run_onnx(out, image)
-    for features, reference in ((torch_features(folded, image), "folded"), (torch_features(published, image), "published")):
+    for reference, model in (("folded", folded), ("published", published)):
+        features = torch_features(model, image)
         assert [array.shape for array in got] == [array.shape for array in features]
         difference = max(float(np.abs(a - b).max()) for a, b in zip(got, features))
         assert difference <= 1e-4, f"{name}: onnxruntime vs the {reference} PyTorch model differ by {difference:.2e}"

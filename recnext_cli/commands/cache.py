@@ -26,7 +26,9 @@ def human_size(size: int) -> str:
 
 @app.command("ls")
 def ls(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema recnext.cache) instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print JSON (schema recnext.cache) instead of a table.",
+    )] = False,
 ) -> None:
     """List what the cache holds, with sizes; entries marked stale are what `recnext cache clean` removes."""
     from rich import box

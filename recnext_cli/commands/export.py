@@ -18,7 +18,7 @@ def export(
     name: Annotated[str, typer.Argument(
         help="Zoo model (m0-m5, a0-a5).", autocompletion=_model_names, show_default=False,
     )],
-    format: Annotated[Literal["onnx"], typer.Option("--format", help="File format.")] = "onnx",
+    file_format: Annotated[Literal["onnx"], typer.Option("--format", help="File format.")] = "onnx",
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="File to write (default: recnext_NAME_backbone.onnx here); replaced in one step.",
         show_default=False,
@@ -44,22 +44,23 @@ def export(
     from recnext_cli import export as library
     from recnext_cli import zoo
     from recnext_cli.bench import parse_input_size
+    from recnext_cli.errors import UsageError
 
     model = zoo.get_model(name)
     size = parse_input_size(input_size)
     if checkpoint is not None and not checkpoint.is_file():
-        from recnext_cli.errors import UsageError
-
         raise UsageError(f"--checkpoint {checkpoint} does not exist; check the path")
     library.require_export_stack()
     target = out or library.default_path(model.name)
     console = Console(highlight=False)
-    with console.status(f"exporting {model.title} to {format} and checking it with onnxruntime"):
+    with console.status(f"exporting {model.title} to {file_format} and checking it with onnxruntime"):
         result = library.export_backbone(model.name, target, size, checkpoint)
     console.print(f"wrote {escape(str(result.path))} ({result.size_bytes / 2**20:.1f} MiB): {model.title} backbone, "
                   f"BatchNorms folded, opset {library.OPSET}", soft_wrap=True)
     console.print(f"weights: {escape(result.weights)}", soft_wrap=True)
-    shapes = ", ".join(f"{label} {'x'.join(map(str, shape))}" for label, shape in zip(library.OUTPUT_NAMES, result.output_shapes))
+    shapes = ", ".join(
+        f"{label} {'x'.join(map(str, shape))}" for label, shape in zip(library.OUTPUT_NAMES, result.output_shapes)
+    )
     console.print(f"outputs for a {size[0]}x{size[1]} image: {shapes}", soft_wrap=True)
     console.print(
         f"onnxruntime vs PyTorch: max |difference| {result.max_abs_diff:.1e} (limit {library.TOLERANCE:g}); "

@@ -98,9 +98,12 @@ def expand_images(arguments: list[Path]) -> tuple[list[Path], list[str]]:
     problems = []
     for argument in arguments:
         if argument.is_dir():
-            found = sorted(path for path in argument.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+            found = sorted(
+                path for path in argument.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+            )
             if not found:
-                problems.append(f"no image file in the folder {argument} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+                suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+                problems.append(f"no image file in the folder {argument} (looked for {suffixes})")
         elif any(character in str(argument) for character in "*?["):
             found = sorted(Path(match) for match in glob.glob(str(argument), recursive=True) if Path(match).is_file())
             if not found:
