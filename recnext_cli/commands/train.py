@@ -68,6 +68,24 @@ def train(
         "--auto-resume", help="Continue from the work dir's last complete checkpoint, if there is one.",
     )] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of every worker.")] = 0,
+    diff_seed: Annotated[bool, typer.Option(
+        "--diff-seed", help="Give each worker its own seed (seed + rank), as mmdet's tools/train.py --diff-seed.",
+    )] = False,
+    deterministic: Annotated[bool, typer.Option(
+        "--deterministic", help="Deterministic cuDNN kernels (slower), as mmdet's tools/train.py --deterministic.",
+    )] = False,
+    load_from: Annotated[Optional[Path], typer.Option(
+        "--load-from", help="Start from these detector weights (no optimizer state; epoch 1), unlike --resume-from.",
+        show_default=False,
+    )] = None,
+    no_validate: Annotated[bool, typer.Option(
+        "--no-validate", help="Do not evaluate on val2017 during training.",
+    )] = False,
+    batch_policy: Annotated[str, typer.Option(
+        "--batch-policy", help="How to keep the recipe's images per optimizer step (16 for the published runs) with "
+        "your worker count: accumulate (sum the gradients of several iterations per step; the count must divide "
+        "it), linear-lr (one step per iteration, lr x actual/recipe batch, mmdet's auto_scale_lr) or as-configured.",
+    )] = "accumulate",
     device: Device = None,
     nnodes: Nnodes = 1,
     node_rank: NodeRank = 0,
@@ -83,11 +101,20 @@ def train(
     """Train NAME's Mask R-CNN on COCO train2017 with --gpus workers (torchrun, Slurm or one process).
 
     The ImageNet pretrain is downloaded and verified and the dataset layout is checked before any worker starts.
-    Checkpoints are written to a temporary name and renamed when complete, so --auto-resume after a killed job
+    By default each optimizer step sees the recipe's batch (16 images for the published runs, 8 GPUs x 2), with
+    gradient accumulation when fewer workers take part; the run prints and records (work dir's batch.json) the
+    batch and lr it uses. Checkpoints are written to a temporary name and renamed when complete, so --auto-resume after a killed job
     continues from the last complete one. Put NAME first: --cfg-options takes every word that follows it.
     """
     from recnext_cli.errors import UsageError
+    from recnext_cli.runners.batch import BATCH_POLICIES
 
+    if batch_policy not in BATCH_POLICIES:
+        raise UsageError(f"--batch-policy {batch_policy}: use one of {', '.join(BATCH_POLICIES)}")
+    if load_from and (resume_from or auto_resume):
+        raise UsageError(
+            "--load-from starts a new run from weights; --resume-from/--auto-resume continue one: pass one of them"
+        )
     if resume_from and auto_resume:
         raise UsageError(
             "--resume-from and --auto-resume exclude each other: name a checkpoint, or let the work dir decide"
@@ -97,14 +124,20 @@ def train(
     config_path, pretrain_record = model_files(name, config, dry_run, notes)
     if resume_from:
         resume_from = existing_file(resume_from, "--resume-from", dry_run, notes)
+    if load_from:
+        load_from = existing_file(load_from, "--load-from", dry_run, notes)
     data_root = checked_dataset(data_root, "train", dry_run, notes)
     topology = on_this_machine(topology, dry_run)
     pretrain = fetched(pretrain_record, dry_run, notes).resolve() if pretrain_record else None
     work_dir = (work_dir or Path("work_dirs") / name).resolve()
     runner_args = [
         str(config_path), "--data-root", str(data_root), "--device", topology.device,
-        "--work-dir", str(work_dir), "--seed", str(seed),
+        "--work-dir", str(work_dir), "--seed", str(seed), "--batch-policy", batch_policy,
     ]
+    runner_args += [flag for flag, on in (
+        ("--diff-seed", diff_seed), ("--deterministic", deterministic), ("--no-validate", no_validate)) if on]
+    if load_from:
+        runner_args += ["--load-from", str(load_from)]
     if pretrain:
         runner_args += ["--pretrain", str(pretrain)]
     if resume_from:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from recnext_cli.runners import add_common_arguments, build_detector, load_config, prepare_worker, run_worker
+from recnext_cli.runners.batch import BATCH_POLICIES, apply_plan, images_per_worker, plan_batch, recipe_batch, record_plan
 
 STAGING_PREFIX = ".saving-"
 
@@ -24,6 +25,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     resume.add_argument("--resume-from", help="checkpoint to continue from (weights, optimizer, epoch)")
     resume.add_argument("--auto-resume", action="store_true", help="continue from the work dir's last checkpoint")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--diff-seed", action="store_true", help="seed + rank on each worker (mmdet's --diff-seed)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic cuDNN kernels")
+    parser.add_argument("--load-from", help="detector weights to start from (no optimizer state, epoch 0)")
+    parser.add_argument("--no-validate", action="store_true", help="no evaluation during training")
+    parser.add_argument("--batch-policy", choices=BATCH_POLICIES, default="accumulate",
+                        help="how to meet the recipe's images per optimizer step with this many workers")
     return parser.parse_args(argv)
 
 
@@ -89,23 +96,32 @@ def main(argv: list[str] | None = None) -> int:
     cfg.resume_from = args.resume_from
     cfg.auto_resume = args.auto_resume
     cfg.device = args.device
-    cfg.seed = args.seed
-    cfg.runner.type = atomic_runner_type(cfg.runner.type)
+    if args.load_from:
+        cfg.load_from = args.load_from
     rank, world_size = compat.init_distributed(args.device)
     distributed = dist.is_initialized()
     cfg.gpu_ids = range(world_size) if distributed else [0]
+    seed = args.seed + rank if args.diff_seed else args.seed
+    cfg.seed = seed
+    plan = plan_batch(args.batch_policy, world_size, images_per_worker(cfg), recipe_batch(cfg), cfg.optimizer.lr)
+    apply_plan(cfg, plan)
+    cfg.runner.type = atomic_runner_type(cfg.runner.type)
 
     timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
     if rank == 0:
         args.work_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(args.work_dir)
         cfg.dump(str(args.work_dir / Path(args.config).name))
+        record_plan(args.work_dir, plan)
+        print(plan.summary(), flush=True)
     if distributed:
         # Nobody writes into the work dir before rank 0 has created it and cleared what a killed job left behind.
         dist.barrier()
     logger = get_root_logger(log_file=str(args.work_dir / f"{timestamp}.log"), log_level=cfg.log_level)
-    logger.info(f"distributed: {distributed} ({world_size} x {args.device}), seed {args.seed}")
-    set_random_seed(args.seed)
+    seeds = " (+ rank on each worker)" if args.diff_seed else ""
+    logger.info(f"distributed: {distributed} ({world_size} x {args.device}), seed {args.seed}{seeds}")
+    logger.info(plan.summary())
+    set_random_seed(seed, deterministic=args.deterministic)
 
     model = build_detector(cfg, cfg.device)
     model.init_weights()
@@ -114,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.checkpoint_config is not None:
         # As mmdet's tools/train.py: class names in every checkpoint, so testing it needs no dataset to name them.
         cfg.checkpoint_config.meta = {"mmdet_version": mmdet_version, "CLASSES": datasets[0].CLASSES}
-    meta = {"seed": args.seed, "exp_name": Path(args.config).name, "config": cfg.pretty_text}
-    train_detector(model, datasets, cfg, distributed=distributed, validate=True, timestamp=timestamp, meta=meta)
+    meta = {"seed": seed, "exp_name": Path(args.config).name, "config": cfg.pretty_text}
+    train_detector(model, datasets, cfg, distributed=distributed, validate=not args.no_validate, timestamp=timestamp, meta=meta)
     if distributed:
         dist.destroy_process_group()
     return 0

@@ -62,6 +62,8 @@ data = dict(
     test=dict(classes=classes, pipeline=test_pipeline))
 evaluation = dict(interval=1000, metric=['bbox', 'segm'])
 
+# The batch this lr was tuned for (2 workers x 2 images): `recnext train` keeps it per optimizer step.
+auto_scale_lr = dict(enable=False, base_batch_size=4)
 optimizer = dict(type='AdamW', lr=0.001, weight_decay=0.05)
 optimizer_config = dict(grad_clip=dict(max_norm=10.0))
 lr_config = dict(policy='step', warmup='linear', warmup_iters=10, warmup_ratio=0.01, step=[1000])
