@@ -7,7 +7,7 @@ import sys
 import typer
 
 from recnext_cli.commands import (
-    bench, cache, demo, doctor, download, export, infer, list_, pin, results, setup, test, train, verify,
+    bench, cache, config, demo, doctor, download, export, infer, list_, pin, results, setup, test, train, verify,
 )
 from recnext_cli.commands.version import print_version
 from recnext_cli.errors import RecnextError
@@ -41,6 +41,7 @@ app.command("doctor")(doctor.doctor)
 app.command("results")(results.results)
 app.command("test", cls=test.VariadicCommand)(test.test)
 app.command("train", cls=test.VariadicCommand)(train.train)
+app.command("config", cls=test.VariadicCommand)(config.config)
 app.command("infer")(infer.infer)
 app.command("export")(export.export)
 app.add_typer(bench.app, name="bench")

@@ -33,6 +33,13 @@ from recnext_cli.commands.test import (
 )
 
 
+BatchPolicy = Annotated[str, typer.Option(
+    "--batch-policy", help="How to keep the recipe's images per optimizer step (16 for the published runs) with "
+    "your worker count: accumulate (sum the gradients of several iterations per step; the count must divide "
+    "it), linear-lr (one step per iteration, lr x actual/recipe batch, mmdet's auto_scale_lr) or as-configured.",
+)]
+
+
 def model_files(name: str, config: Path | None, dry_run: bool, notes: list[str]):
     """(config, zoo pretrain record or None) for NAME: the zoo's, or your config with the zoo pretrain when NAME is in
     the zoo. Checks the name before your config file, and downloads nothing."""
@@ -81,11 +88,7 @@ def train(
     no_validate: Annotated[bool, typer.Option(
         "--no-validate", help="Do not evaluate on val2017 during training.",
     )] = False,
-    batch_policy: Annotated[str, typer.Option(
-        "--batch-policy", help="How to keep the recipe's images per optimizer step (16 for the published runs) with "
-        "your worker count: accumulate (sum the gradients of several iterations per step; the count must divide "
-        "it), linear-lr (one step per iteration, lr x actual/recipe batch, mmdet's auto_scale_lr) or as-configured.",
-    )] = "accumulate",
+    batch_policy: BatchPolicy = "accumulate",
     device: Device = None,
     nnodes: Nnodes = 1,
     node_rank: NodeRank = 0,

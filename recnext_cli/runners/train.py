@@ -76,6 +76,27 @@ def remove_stale_staging(work_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def training_config(args: argparse.Namespace, world_size: int):
+    """(config, batch plan) of a run of `world_size` workers with these runner arguments: what `recnext config` prints.
+
+    Call after prepare_worker (or compat.apply_all and importing recnext_cli.models).
+    """
+    from recnext_cli.models import set_pretrain_checkpoint
+
+    cfg = load_config(args.config, args.data_root, args.cfg_options)
+    if args.pretrain:
+        set_pretrain_checkpoint(cfg, args.pretrain)
+    cfg.work_dir = str(args.work_dir)
+    cfg.resume_from = args.resume_from
+    cfg.auto_resume = args.auto_resume
+    if args.load_from:
+        cfg.load_from = args.load_from
+    cfg.gpu_ids = range(world_size) if world_size > 1 else [0]
+    plan = plan_batch(args.batch_policy, world_size, images_per_worker(cfg), recipe_batch(cfg), cfg.optimizer.lr)
+    apply_plan(cfg, plan)
+    return cfg, plan
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_worker(args.launcher)
@@ -86,25 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     from mmdet.utils import get_root_logger, setup_multi_processes
 
     from recnext_cli import compat
-    from recnext_cli.models import set_pretrain_checkpoint
 
-    cfg = load_config(args.config, args.data_root, args.cfg_options)
-    setup_multi_processes(cfg)
-    if args.pretrain:
-        set_pretrain_checkpoint(cfg, args.pretrain)
-    cfg.work_dir = str(args.work_dir)
-    cfg.resume_from = args.resume_from
-    cfg.auto_resume = args.auto_resume
-    cfg.device = args.device
-    if args.load_from:
-        cfg.load_from = args.load_from
     rank, world_size = compat.init_distributed(args.device)
     distributed = dist.is_initialized()
-    cfg.gpu_ids = range(world_size) if distributed else [0]
-    seed = args.seed + rank if args.diff_seed else args.seed
-    cfg.seed = seed
-    plan = plan_batch(args.batch_policy, world_size, images_per_worker(cfg), recipe_batch(cfg), cfg.optimizer.lr)
-    apply_plan(cfg, plan)
+    cfg, plan = training_config(args, world_size)
+    setup_multi_processes(cfg)
     cfg.runner.type = atomic_runner_type(cfg.runner.type)
 
     timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
@@ -114,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.dump(str(args.work_dir / Path(args.config).name))
         record_plan(args.work_dir, plan)
         print(plan.summary(), flush=True)
+    # Set after the dump, as mmdet's tools/train.py does: the dumped config is the recipe, not this machine's.
+    cfg.device = args.device
+    seed = args.seed + rank if args.diff_seed else args.seed
+    cfg.seed = seed
     if distributed:
         # Nobody writes into the work dir before rank 0 has created it and cleared what a killed job left behind.
         dist.barrier()
