@@ -195,19 +195,37 @@ def _checked_metrics(metrics: Any, path: Path) -> dict[str, float]:
     return {name: float(metrics[name]) for name in METRICS}
 
 
-def _zoo_facts(model: str) -> tuple[float | None, str | None]:
-    """The README's latency (ms) and the COCO checkpoint URL from the zoo; None for what the zoo does not know."""
-    entry = zoo.MODELS.get(model)
+def _row_facts(record: ResultRecord) -> tuple[float | None, str | None, str | None]:
+    """(latency in ms, checkpoint link, checkpoint) for `record`'s row, each from the row's own source.
+
+    A training log's row is the published recipe's: the README's iPhone latency and, for a log that stands alone,
+    the upstream checkpoint; a log beside the checkpoints its run wrote links its reported epoch's file instead.
+    A `recnext test` row was measured here: it measured no latency, and links the upstream checkpoint only when
+    that is the file it evaluated (the zoo's file name), else the file it did evaluate.
+    """
+    entry = zoo.MODELS.get(record.model)
+    coco = entry.coco if entry else None
+    if record.epoch is None:
+        checkpoint = record.checkpoint
+        if coco and checkpoint and Path(checkpoint).name == coco.file_name:
+            return None, coco.url, checkpoint
+        return None, checkpoint, checkpoint
     latency_ms = entry.metrics.latency_ms if entry and entry.metrics else None
-    checkpoint_url = entry.coco.url if entry and entry.coco else None
-    return latency_ms, checkpoint_url
+    written = record.source.parent / f"epoch_{record.epoch}.pth"
+    if written.is_file():
+        return latency_ms, str(written), str(written)
+    return latency_ms, coco.url if coco else None, record.checkpoint
 
 
 def results_document(records: Sequence[ResultRecord]) -> dict[str, Any]:
-    """`recnext results --json`: one row per record, its six AP fractions under "metrics", and where they came from."""
+    """`recnext results --json`: one row per record, its six AP fractions under "metrics", and where they came from.
+
+    "latency_ms" is the upstream README's iPhone figure, on rows read from training logs only; "checkpoint_url" is
+    the link the table shows.
+    """
     rows = []
     for record in records:
-        latency_ms, checkpoint_url = _zoo_facts(record.model)
+        latency_ms, checkpoint_url, checkpoint = _row_facts(record)
         rows.append({
             "model": record.model,
             "name": record.name,
@@ -216,7 +234,7 @@ def results_document(records: Sequence[ResultRecord]) -> dict[str, Any]:
             "checkpoint_url": checkpoint_url,
             "source": str(record.source),
             "epoch": record.epoch,
-            "checkpoint": record.checkpoint,
+            "checkpoint": checkpoint,
             "config": record.config,
         })
     return outputs.document("results", rows=rows)
@@ -226,7 +244,7 @@ def markdown_table(records: Sequence[ResultRecord]) -> str:
     """The upstream README's table: same header and columns, one row per record, in the given order."""
     lines = [_markdown_line(HEADER), _markdown_line(_ALIGNMENT)]
     for record in records:
-        latency_ms, checkpoint_url = _zoo_facts(record.model)
+        latency_ms, checkpoint_url, _ = _row_facts(record)
         label = record.model.upper()
         cells = [record.name, *(format_percent(record.metrics[name]) for name in METRICS)]
         cells.append(f"{latency_ms:.1f}ms" if latency_ms is not None else "-")

@@ -19,6 +19,7 @@ from recnext_cli.results import (
     markdown_table,
     read_result_file,
     read_result_files,
+    results_document,
     reported_epoch,
     evaluation_document,
 )
@@ -205,8 +206,9 @@ def test_command_prints_markdown_and_json(tmp_path):
     second.write_text(json.dumps({"model": "a3", "metrics": metrics(0.4208), "checkpoint": None, "config": None}))
     result = CliRunner().invoke(app, ["results", str(first), str(second)])
     assert result.exit_code == 0, result.output
-    assert result.output == markdown_table(read_result_files([first, second]))
-    assert list(parse_markdown_table(result.output)[1]) == ["RecNeXt-M3", "RecNeXt-A3"]
+    assert result.stdout == markdown_table(read_result_files([first, second]))
+    assert list(parse_markdown_table(result.stdout)[1]) == ["RecNeXt-M3", "RecNeXt-A3"]
+    assert "published iPhone figure" in result.stderr
 
     result = CliRunner().invoke(app, ["results", "--json", str(first), str(second)])
     assert result.exit_code == 0, result.output
@@ -220,9 +222,37 @@ def test_command_prints_markdown_and_json(tmp_path):
     ]
     assert all(list(row["metrics"]) == list(METRICS) for row in rows)
     assert rows[0]["source"] == str(first) and rows[0]["metrics"]["segm_mAP_75"] == 0.5
-    assert rows[0]["latency_ms"] == 5.2 and rows[1]["latency_ms"] == 8.4
+    # The README's latency is published: it stays off the row measured by `recnext test`.
+    assert rows[0]["latency_ms"] == 5.2 and rows[1]["latency_ms"] is None
     assert set(rows[0]) == {"model", "name", "metrics", "latency_ms", "checkpoint_url", "source", "epoch",
                             "checkpoint", "config"}
+
+
+def test_a_row_measured_here_links_the_checkpoint_it_evaluated_and_no_published_latency(tmp_path):
+    from recnext_cli import zoo
+
+    mine, upstream = tmp_path / "mine.json", tmp_path / "upstream.json"
+    mine.write_text(json.dumps({"model": "m3", "metrics": metrics(0.41), "checkpoint": "/w/mine.pth", "config": None}))
+    cached = f"/cache/checkpoints/{zoo.MODELS['m3'].coco.file_name}"
+    upstream.write_text(json.dumps({"model": "m3", "metrics": metrics(0.41), "checkpoint": cached, "config": None}))
+    header, rows = parse_markdown_table(markdown_table(read_result_files([mine])))
+    assert (rows["RecNeXt-M3"]["Latency"], rows["RecNeXt-M3"]["Ckpt"]) == ("-", "[M3](/w/mine.pth)")
+    header, rows = parse_markdown_table(markdown_table(read_result_files([upstream])))
+    assert (rows["RecNeXt-M3"]["Latency"], rows["RecNeXt-M3"]["Ckpt"]) == ("-", f"[M3]({zoo.MODELS['m3'].coco.url})")
+    document = results_document(read_result_files([mine]))
+    assert (document["rows"][0]["latency_ms"], document["rows"][0]["checkpoint_url"]) == (None, "/w/mine.pth")
+
+
+def test_a_training_log_beside_its_checkpoints_links_its_reported_epoch(tmp_path):
+    log = write_log(tmp_path / "20260101_000000.log.json", [metrics(0.30), metrics(0.41), metrics(0.40)])
+    (tmp_path / "epoch_2.pth").write_bytes(b"weights")
+    header, rows = parse_markdown_table(markdown_table(read_result_files([log])))
+    model = next(iter(rows))
+    assert rows[model]["Ckpt"].endswith(f"({tmp_path / 'epoch_2.pth'})")
+    (tmp_path / "alone").mkdir()
+    alone = write_log(tmp_path / "alone" / "recnext_m3_coco.log.json", [metrics(0.41)])
+    header, rows = parse_markdown_table(markdown_table(read_result_files([alone])))
+    assert rows["RecNeXt-M3"]["Latency"] == "5.2ms" and "github.com" in rows["RecNeXt-M3"]["Ckpt"]
 
 
 def test_command_needs_a_file():

@@ -13,6 +13,7 @@ STATUS_MARKS = {
 }
 FIRST_SEEN_MARK = "*"
 LEGEND = "✓ pinned digest  ✓* first-seen digest  ? not checked  ✗ failed  – not cached"
+LATENCY_NOTE = "† published: the upstream README's iPhone latency, not measured here"
 METRIC_COLUMNS = (
     ("APᵇ", "bbox_mAP"),
     ("AP₅₀ᵇ", "bbox_mAP_50"),
@@ -70,12 +71,12 @@ def list_models(
 
     pinned = sum(checkpoint.pinned for checkpoint in zoo.CHECKPOINTS.values())
     trust = f"{pinned} of {len(zoo.CHECKPOINTS)} files pinned" if pinned else "no file is pinned: each is trusted on first use"
-    caption = f"{LEGEND}\n{trust}\ncache: {escape(str(cache.checkpoints_dir()))}"
+    caption = f"{LEGEND}\n{LATENCY_NOTE}\n{trust}\ncache: {escape(str(cache.checkpoints_dir()))}"
     table = Table(box=box.SIMPLE_HEAD, caption=caption, caption_justify="left", collapse_padding=True, pad_edge=False)
     table.add_column("Model", no_wrap=True)
     for title, _ in METRIC_COLUMNS:
         table.add_column(title, justify="center")
-    table.add_column("Latency", justify="center")
+    table.add_column("Latency†", justify="center")
     table.add_column("Ckpt", justify="center")
     table.add_column("Pretrain", justify="center")
     for section in ([row for row in rows if row["metrics"]], [row for row in rows if not row["metrics"]]):

@@ -21,7 +21,9 @@ def results(
 ) -> None:
     """Print the upstream README's results table (Markdown, ready to paste) for the given result files.
 
-    Table values are COCO mAP ×100 to one decimal; Latency and Ckpt come from the zoo, '-' for models it does not know.
+    Table values are COCO mAP ×100 to one decimal. Each row keeps to its own source: a training log's row shows the
+    upstream README's (published, iPhone) latency and links the checkpoint its run wrote beside it, else the upstream
+    one; a `recnext test` row shows no latency (none was measured) and links the checkpoint it evaluated.
     """
     from recnext_cli.outputs import dumps
     from recnext_cli.results import markdown_table, read_result_files, results_document
@@ -32,3 +34,5 @@ def results(
     else:
         # Plain text, not a Rich table: the output is meant to be pasted into a README as it is.
         typer.echo(markdown_table(records), nl=False)
+        if any(record.epoch is not None for record in records):
+            typer.echo("Latency: the upstream README's published iPhone figure, not measured here", err=True)
