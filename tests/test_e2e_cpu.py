@@ -73,6 +73,10 @@ def test_training_with_two_workers_leaves_complete_checkpoints_and_a_json_log(tr
     (log,) = trained_dir.glob("*.log.json")
     records = [json.loads(line) for line in log.read_text().splitlines()[1:]]
     assert {r["epoch"] for r in records if r.get("mode") == "train"} == set(range(1, EPOCHS + 1))
+    # The demo config's recipe batch is 4 (auto_scale_lr.base_batch_size): two workers of two images reach it.
+    batch = json.loads((trained_dir / "batch.json").read_text())
+    assert (batch["workers"], batch["images_per_worker"], batch["accumulation"], batch["effective_batch"]) == (2, 2, 1, 4)
+    assert batch["lr"] == batch["recipe_lr"] == 0.001
 
 
 # Imported by every process of a job whose PYTHONPATH holds its folder (Python's site hook). In a torchrun worker it
@@ -128,6 +132,53 @@ def test_short_training_learns_boxes_and_one_or_two_workers_agree(trained_dir, c
         assert (tmp_path / "machines" / "rank1" / "disk-hidden").exists()
     assert metrics[1] == metrics[2]
     assert metrics[1]["bbox_mAP"] > 0.05, metrics[1]
+
+
+def test_format_only_writes_coco_results_and_show_dir_draws_each_image(trained_dir, coco, tmp_path):
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    prefix, show_dir = tmp_path / "submission" / "val", tmp_path / "drawn"
+    result = recnext("test", "tiny", "--config", str(TINY), "--checkpoint", str(trained_dir / "latest.pth"),
+                     "--device", "cpu", "--gpus", "2", "--data-root", str(coco), "--format-only",
+                     "--show-dir", str(show_dir), "--show-score-thr", "0.05",
+                     "--eval-options", f"jsonfile_prefix={prefix}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    ground_truth = COCO(str(coco / "annotations" / "instances_val2017.json"))
+    for kind in ("bbox", "segm"):
+        detections = ground_truth.loadRes(str(prefix) + f".{kind}.json")
+        assert set(detections.getImgIds()) <= set(ground_truth.getImgIds()) and detections.anns
+    drawn = sorted(path.stem for path in show_dir.glob("*.png"))
+    assert drawn == sorted(Path(image["file_name"]).stem for image in ground_truth.dataset["images"])
+    # A drawing differs from its image where detections were drawn.
+    first = ground_truth.dataset["images"][0]["file_name"]
+    original = Image.open(coco / "val2017" / first).convert("RGB")
+    assert list(Image.open(show_dir / f"{Path(first).stem}.png").getdata()) != list(original.getdata())
+    assert not (tmp_path / "work_dirs").exists() and "test_result.json" not in result.stderr
+
+
+def test_eval_options_reach_the_evaluation(trained_dir, coco, tmp_path):
+    result = recnext("test", "tiny", "--config", str(TINY), "--checkpoint", str(trained_dir / "latest.pth"),
+                     "--device", "cpu", "--gpus", "1", "--data-root", str(coco), "--eval", "bbox",
+                     "--eval-options", "classwise=True", "--out", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    # classwise=True makes mmdet print a per-category AP table, which names the classes.
+    assert all(name in result.stdout + result.stderr for name in ("rectangle", "ellipse", "triangle"))
+
+
+def test_load_from_without_validation_with_per_worker_seeds(trained_dir, coco, tmp_path):
+    work_dir = tmp_path / "finetune"
+    result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", "2",
+                     "--data-root", str(coco), "--work-dir", str(work_dir), "--load-from",
+                     str(trained_dir / "latest.pth"), "--no-validate", "--diff-seed", "--deterministic",
+                     "--cfg-options", "runner.max_epochs=1", "evaluation.interval=1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    (log,) = work_dir.glob("*.log")
+    text = log.read_text()
+    assert f"load checkpoint from local path: {(trained_dir / 'latest.pth').resolve()}" in text
+    assert "seed 0 (+ rank on each worker)" in text
+    (log_json,) = work_dir.glob("*.log.json")
+    assert not [line for line in log_json.read_text().splitlines() if '"mode": "val"' in line]
 
 
 def test_auto_resume_continues_from_the_last_complete_checkpoint(trained_dir, coco, tmp_path):

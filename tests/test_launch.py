@@ -226,6 +226,48 @@ def test_train_passes_resume_choices_to_the_workers(tmp_path):
     assert isinstance(both.exception, UsageError) and "exclude each other" in str(both.exception)
 
 
+def test_train_passes_mmdet_tool_flags_and_the_batch_policy_to_the_workers(tmp_path):
+    data = _coco_tree(tmp_path / "coco")
+    (tmp_path / "w.pth").write_bytes(b"x")
+    common = ["train", "tiny", "--config", str(CONFIG), "--device", "cpu", "--data-root", str(data), "--dry-run"]
+    result = CliRunner().invoke(app, [*common, "--load-from", str(tmp_path / "w.pth"), "--no-validate",
+                                      "--diff-seed", "--deterministic", "--batch-policy", "linear-lr"])
+    assert result.exit_code == 0, result.output
+    for words in (f"--load-from {tmp_path / 'w.pth'}", "--no-validate", "--diff-seed", "--deterministic",
+                  "--batch-policy linear-lr"):
+        assert words in result.stdout
+    both = CliRunner().invoke(app, [*common, "--load-from", str(tmp_path / "w.pth"), "--auto-resume"])
+    assert isinstance(both.exception, UsageError) and "--load-from starts a new run" in str(both.exception)
+    policy = CliRunner().invoke(app, [*common, "--batch-policy", "half"])
+    assert isinstance(policy.exception, UsageError) and "accumulate, linear-lr, as-configured" in str(policy.exception)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--format-only", "--eval", "bbox"], "--format-only writes COCO results files instead of evaluating; drop --eval"),
+    (["--format-only", "--out", "m.json"], "drop --out"),
+    (["--show-score-thr", "0.5"], "add --show-dir DIR"),
+    (["--eval-options", "classwise"], "write each as KEY=VALUE"),
+])
+def test_test_flags_that_cannot_apply_are_refused_in_one_line(tmp_path, flags, message):
+    result = CliRunner().invoke(app, ["test", "tiny", "--config", str(CONFIG), "--checkpoint", "w.pth",
+                                      "--device", "cpu", "--dry-run", *flags])
+    assert isinstance(result.exception, UsageError), result.output
+    assert message in str(result.exception) and "\n" not in str(result.exception)
+
+
+def test_test_passes_format_only_show_dir_and_eval_options_to_the_workers(tmp_path):
+    data = _coco_tree(tmp_path / "coco")
+    result = CliRunner().invoke(app, ["test", "tiny", "--config", str(CONFIG), "--checkpoint", str(tmp_path / "w.pth"),
+                                      "--device", "cpu", "--data-root", str(data), "--dry-run", "--format-only",
+                                      "--show-dir", str(tmp_path / "drawn"), "--show-score-thr", "0.5",
+                                      "--eval-options", "classwise=True", "iou_thrs=[0.5]"])
+    assert result.exit_code == 0, result.output
+    prefix = Path("work_dirs/tiny/results").resolve()
+    assert "--format-only" in result.stdout
+    assert f"--eval-options classwise=True 'iou_thrs=[0.5]' jsonfile_prefix={prefix}" in result.stdout
+    assert f"--show-dir {tmp_path / 'drawn'} --show-score-thr 0.5" in result.stdout
+
+
 def test_unknown_model_and_config_without_checkpoint_are_refused(tmp_path):
     unknown = CliRunner().invoke(app, ["test", "m33", "--device", "cpu", "--dry-run"])
     assert isinstance(unknown.exception, UnknownModelError) and "did you mean m3" in str(unknown.exception)

@@ -42,7 +42,7 @@ def expand_variadic(args: list[str], names: tuple[str, ...]) -> list[str]:
 class VariadicCommand(TyperCommand):
     """Lets --eval and --cfg-options take several values, as mmdet's tools do; click options take one value each."""
 
-    variadic = ("--eval", "--cfg-options")
+    variadic = ("--eval", "--cfg-options", "--eval-options")
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         return super().parse_args(ctx, expand_variadic(args, self.variadic))
@@ -244,9 +244,26 @@ def test(
     gpus: Gpus = 1,
     data_root: DataRoot = Path("data/coco"),
     checkpoint: DetectorCheckpoint = None,
-    metrics: Annotated[list[str], typer.Option(
-        "--eval", help="COCO metrics: bbox segm (also proposal, proposal_fast).",
-    )] = ["bbox", "segm"],  # noqa: B006
+    metrics: Annotated[Optional[list[str]], typer.Option(
+        "--eval", help="COCO metrics: bbox segm (also proposal, proposal_fast).  [default: bbox segm]",
+        show_default=False,
+    )] = None,
+    eval_options: Annotated[Optional[list[str]], typer.Option(
+        "--eval-options", help="KEY=VALUE ... for mmdet's dataset.evaluate (or, with --format-only, format_results), "
+        "as mmdet's tools/test.py takes them, e.g. classwise=True.", show_default=False,
+    )] = None,
+    format_only: Annotated[bool, typer.Option(
+        "--format-only", help="Write the predictions as COCO results JSON files (PREFIX.bbox.json, PREFIX.segm.json) "
+        "instead of evaluating, e.g. for test-dev submissions; PREFIX is --eval-options jsonfile_prefix=PREFIX "
+        "(default: work_dirs/NAME/results).",
+    )] = False,
+    show_dir: Annotated[Optional[Path], typer.Option(
+        "--show-dir", help="Also draw each test image with its detections (as `recnext infer` draws) into this "
+        "folder, one PNG per image.", show_default=False,
+    )] = None,
+    show_score_thr: Annotated[Optional[float], typer.Option(
+        "--show-score-thr", help="Lowest score drawn with --show-dir.  [default: 0.3]", show_default=False,
+    )] = None,
     device: Device = None,
     nnodes: Nnodes = 1,
     node_rank: NodeRank = 0,
@@ -283,6 +300,17 @@ def test(
     from recnext_cli.compat.evaluator import EVALUATORS
     from recnext_cli.errors import UsageError
 
+    if format_only and (metrics or out):
+        raise UsageError(
+            f"--format-only writes COCO results files instead of evaluating; drop {'--eval' if metrics else '--out'}, "
+            "or drop --format-only to compute metrics"
+        )
+    if show_score_thr is not None and show_dir is None:
+        raise UsageError("--show-score-thr sets what --show-dir draws; add --show-dir DIR")
+    malformed = [option for option in eval_options or [] if "=" not in option]
+    if malformed:
+        raise UsageError(f"--eval-options {' '.join(malformed)}: write each as KEY=VALUE (e.g. classwise=True)")
+    metrics = metrics or ["bbox", "segm"]
     unknown = [metric for metric in metrics if metric not in COCO_METRICS]
     if unknown:
         raise UsageError(f"--eval {' '.join(unknown)}: COCO metrics are {', '.join(COCO_METRICS)}")
@@ -306,14 +334,34 @@ def test(
     runner_args += [flag for flag, on in (("--fuse-conv-bn", fuse_conv_bn), ("--fp16", fp16)) if on]
     if evaluator != "pycocotools":
         runner_args += ["--evaluator", evaluator]
+    eval_options = list(eval_options or [])
+    prefix = None
+    if format_only:
+        given = [option.split("=", 1)[1] for option in eval_options if option.startswith("jsonfile_prefix=")]
+        prefix = Path(given[-1] if given else Path("work_dirs") / name / "results").resolve()
+        eval_options = [option for option in eval_options if not option.startswith("jsonfile_prefix=")]
+        eval_options.append(f"jsonfile_prefix={prefix}")
+        runner_args.append("--format-only")
+    if eval_options:
+        runner_args += ["--eval-options", *eval_options]
+    if show_dir:
+        runner_args += ["--show-dir", str(show_dir.resolve())]
+        if show_score_thr is not None:
+            runner_args += ["--show-score-thr", str(show_score_thr)]
     if cfg_options:
         runner_args += ["--cfg-options", *cfg_options]
     from recnext_cli.launch import RUN_RESULT
 
     with tempfile.TemporaryDirectory(prefix="recnext-test-") as run_dir:
         run_or_show("test", runner_args, topology, notes, dry_run, Path(run_dir))
-        if not dry_run:
+        if dry_run:
+            return
+        if prefix:
+            typer.echo(f"COCO results files: {prefix}.bbox.json, {prefix}.segm.json (rank 0's machine)", err=True)
+        else:
             show_result(out, Path(run_dir) / RUN_RESULT, topology)
+        if show_dir:
+            typer.echo(f"drawn detections in {show_dir.resolve()} (rank 0's machine)", err=True)
 
 
 def show_result(out: Path, run_result: Path, topology) -> None:

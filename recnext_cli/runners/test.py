@@ -29,6 +29,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fuse-conv-bn", action="store_true", help="fold every BatchNorm into a conv before testing")
     parser.add_argument("--fp16", action="store_true", help="run the model in mmdet's fp16 mode (CUDA only)")
     parser.add_argument("--evaluator", choices=EVALUATORS, default="pycocotools", help="COCOeval implementation")
+    parser.add_argument("--eval-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="arguments of dataset.evaluate (or format_results), e.g. classwise=True")
+    parser.add_argument("--format-only", action="store_true",
+                        help="write COCO results JSON (eval option jsonfile_prefix) instead of evaluating")
+    parser.add_argument("--show-dir", type=Path, help="draw each image's detections into this folder (rank 0)")
+    parser.add_argument("--show-score-thr", type=float, default=0.3, help="lowest score drawn with --show-dir")
     args = parser.parse_args(argv)
     if args.fp16 and args.device != "cuda":
         parser.error("--fp16 needs --device cuda: mmcv's fp16 mode autocasts through torch.cuda.amp")
@@ -98,6 +104,36 @@ def gather_results(part: list, size: int) -> list | None:
     return ordered[:size]
 
 
+def parse_eval_options(options: list[str]) -> dict:
+    """`KEY=VALUE` words as mmdet's tools read them (mmcv's DictAction: True, numbers and lists become values)."""
+    from mmcv import DictAction
+
+    parsed = argparse.Namespace()
+    DictAction(option_strings=[], dest="options")(None, parsed, options)
+    return parsed.options
+
+
+def draw_predictions(dataset, outputs: list, classes, show_dir: Path, score_thr: float) -> None:
+    """Each test image with its detections above `score_thr` drawn as `recnext infer` draws them, as show_dir/<stem>.png."""
+    import numpy as np
+    import pycocotools.mask as mask_util
+
+    from recnext_cli.infer import Detection, draw, load_image, write_png
+
+    for info, output in zip(dataset.data_infos, outputs):
+        boxes_per_class, masks_per_class = output if isinstance(output, tuple) else (output, None)
+        detections = []
+        for class_id, boxes in enumerate(boxes_per_class):
+            for index, (x0, y0, x1, y1, score) in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 5)):
+                if score <= score_thr:
+                    continue
+                mask = None if masks_per_class is None else mask_util.decode(masks_per_class[class_id][index]) > 0
+                detections.append(Detection(class_id, classes[class_id], float(score),
+                                            (float(x0), float(y0), float(x1), float(y1)), mask))
+        image_path = Path(dataset.img_prefix) / info["filename"]
+        write_png(draw(load_image(image_path), detections), show_dir / f"{image_path.stem}.png")
+
+
 def load_weights(model, checkpoint_path: str) -> dict:
     from mmcv.runner import load_checkpoint
 
@@ -116,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     from mmdet.utils import build_ddp, build_dp, compat_cfg, setup_multi_processes
 
     from recnext_cli import compat
-    from recnext_cli.compat.evaluator import use_coco_evaluator
 
     cfg = compat_cfg(load_config(args.config, args.data_root, args.cfg_options))
     setup_multi_processes(cfg)
@@ -141,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_detector(cfg, args.device)
     checkpoint = load_weights(model, args.checkpoint)
-    model.CLASSES = checkpoint.get("meta", {}).get("CLASSES", dataset.CLASSES)
+    model.CLASSES = classes = checkpoint.get("meta", {}).get("CLASSES", dataset.CLASSES)
     if args.fuse_conv_bn:
         model = fuse_batch_norms(model, args.device)
     if args.fp16:
@@ -158,19 +193,33 @@ def main(argv: list[str] | None = None) -> int:
         outputs = single_gpu_test(model, data_loader)
 
     if rank == 0:
-        use_coco_evaluator(args.evaluator)
-        eval_args = {k: v for k, v in cfg.get("evaluation", {}).items() if k not in EVAL_HOOK_KEYS}
-        eval_args["metric"] = args.metrics
-        metrics = dataset.evaluate(outputs, **eval_args)
-        record = evaluation_document(args.model_name, metrics, args.checkpoint, args.config)
-        write_json(args.out, record)
-        run_dir = os.environ.get(RUN_DIR_ENV)
-        if run_dir and os.path.isdir(run_dir):
-            # This run's own copy for the launcher, which is on this machine: another run may replace --out meanwhile.
-            write_json(Path(run_dir) / RUN_RESULT, record)
+        report(args, cfg, dataset, outputs, classes)
     if distributed:
         dist.destroy_process_group()
     return 0
+
+
+def report(args: argparse.Namespace, cfg, dataset, outputs: list, classes) -> None:
+    """Rank 0's part once every prediction is here: pictures, then COCO results files or the metrics JSON."""
+    from recnext_cli.compat.evaluator import use_coco_evaluator
+
+    if args.show_dir:
+        draw_predictions(dataset, outputs, classes, args.show_dir, args.show_score_thr)
+    eval_options = parse_eval_options(args.eval_options)
+    if args.format_only:
+        # As mmdet's tools/test.py --format-only: files for COCO's evaluation server (test-dev), no metrics.
+        dataset.format_results(outputs, **eval_options)
+        return
+    use_coco_evaluator(args.evaluator)
+    eval_args = {k: v for k, v in cfg.get("evaluation", {}).items() if k not in EVAL_HOOK_KEYS}
+    eval_args.update(eval_options, metric=args.metrics)
+    metrics = dataset.evaluate(outputs, **eval_args)
+    record = evaluation_document(args.model_name, metrics, args.checkpoint, args.config)
+    write_json(args.out, record)
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if run_dir and os.path.isdir(run_dir):
+        # This run's own copy for the launcher, which is on this machine: another run may replace --out meanwhile.
+        write_json(Path(run_dir) / RUN_RESULT, record)
 
 
 if __name__ == "__main__":
