@@ -609,7 +609,8 @@ def _test_run(check: Check, device: str, *flags: str) -> tuple[Outcome, dict[str
 def step_test(check: Check, trained: bool) -> dict[str, Any]:
     started = time.monotonic()
     if not trained:
-        return step_result("test", "fail", 0, "no checkpoint: the train step did not pass")
+        status = "fail" if "train" in check.steps else "not started"
+        return step_result("test", status, 0, "no checkpoint: the train step did not run or did not pass")
     runs: dict[str, dict[str, float] | None] = {}
     # One process (--launcher none): mmcv's MMDataParallel and its Scatter on the device.
     for label, device, flags in ((check.device, check.device, ()), ("cpu", "cpu", ()),
