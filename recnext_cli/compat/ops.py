@@ -81,7 +81,7 @@ def check() -> str | None:
         rois = torch.tensor([[0.0, 1.0, 2.0, 9.0, 12.0], [0.0, 4.0, 0.5, 15.0, 7.5]])
         results = []
         for device in ("cpu", "cuda"):
-            x = features.to(device).requires_grad_(True)
+            x = features.to(device, copy=True).requires_grad_(True)  # a fresh leaf per device
             out = roi_align(x, rois.to(device), 7, 1.0, 0, "avg", True)
             out.sum().backward()
             boxes = torch.cat([rois[:, 1:3], rois[:, 3:] + 1], 1).repeat(3, 1).to(device)
