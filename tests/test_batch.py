@@ -88,3 +88,73 @@ def test_one_worker_accumulating_two_steps_updates_the_weights_as_two_workers_do
     difference = max((accumulated[key] - distributed[key]).abs().max().item() for key in weights)
     assert update > 1e-3  # the step moved the weights, so agreeing below means something
     assert difference < 1e-5, f"largest difference {difference} (largest update {update})"
+
+
+def _tiny_model():
+    """A real torch module with mmcv's train_step: the loss is its one weight times the batch."""
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def train_step(self, batch, optimizer):
+            loss = (self.weight * batch).sum()
+            return {"loss": loss, "log_vars": {"loss": float(loss.detach())}, "num_samples": 1}
+
+    return Tiny()
+
+
+def _lr_per_step(tmp_path, micro_batches: int, accumulation: int, epochs: int = 3) -> list[float]:
+    """The lr each optimizer step used, running mmcv's EpochBasedRunner with recnext's hooks as the config sets them."""
+    import logging
+
+    import torch
+    from mmcv import Config
+    from mmcv.runner import EpochBasedRunner, Hook
+
+    from recnext_cli.runners.batch import apply_plan, plan_batch
+
+    cfg = Config(dict(
+        optimizer=dict(type="SGD", lr=0.1), optimizer_config=dict(grad_clip=None), runner=dict(type="EpochBasedRunner"),
+        lr_config=dict(policy="step", warmup="linear", warmup_iters=4, warmup_ratio=0.01, step=[2]),
+    ))
+    apply_plan(cfg, plan_batch("accumulate", 1, 1, accumulation, 0.1))
+    model = _tiny_model()
+    runner = EpochBasedRunner(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), work_dir=str(tmp_path),
+                              logger=logging.getLogger("recnext-test"), max_epochs=epochs)
+    runner.register_training_hooks(cfg.lr_config, cfg.optimizer_config)
+    steps = []
+
+    class RecordSteps(Hook):
+        def before_run(self, runner):
+            original = runner.optimizer.step
+
+            def step(*args, **kwargs):
+                steps.append(runner.optimizer.param_groups[0]["lr"])
+                return original(*args, **kwargs)
+
+            runner.optimizer.step = step
+
+    runner.register_hook(RecordSteps())
+    runner.run([[torch.ones(1)] * micro_batches], [("train", 1)])
+    return steps
+
+
+def test_accumulated_steps_follow_the_unaccumulated_lr_schedule_step_for_step(tmp_path):
+    pytest.importorskip("mmcv", reason="needs mmcv (make setup)")
+    # 6 micro-batches of an epoch in groups of 2 are 3 steps, as 3 batches without accumulation: warm-up over 4 steps
+    # (so into epoch 2), decay after epoch 2. The step-counting hooks must give every step the same lr.
+    published = _lr_per_step(tmp_path / "a", micro_batches=3, accumulation=1)
+    accumulated = _lr_per_step(tmp_path / "b", micro_batches=6, accumulation=2)
+    assert len(published) == 9 and accumulated == pytest.approx(published)
+    assert published[0] < published[3] and published[-1] == pytest.approx(0.01)
+
+
+def test_an_epoch_whose_length_is_not_a_multiple_ends_with_a_shorter_step(tmp_path):
+    pytest.importorskip("mmcv", reason="needs mmcv (make setup)")
+    # 5 micro-batches in groups of 2: steps after micro-batches 2, 4 and 5 of every epoch, so checkpoints written at
+    # epoch ends hold no half-summed gradient; the schedule sees 3 steps per epoch, like 3 unaccumulated batches.
+    assert _lr_per_step(tmp_path / "c", micro_batches=5, accumulation=2) == pytest.approx(
+        _lr_per_step(tmp_path / "d", micro_batches=3, accumulation=1))
