@@ -236,6 +236,7 @@ def test_train_passes_mmdet_tool_flags_and_the_batch_policy_to_the_workers(tmp_p
     for words in (f"--load-from {tmp_path / 'w.pth'}", "--no-validate", "--diff-seed", "--deterministic",
                   "--batch-policy linear-lr"):
         assert words in result.stdout
+    assert "`recnext config tiny --gpus 1`" in result.stderr and "batch.json" in result.stderr
     both = CliRunner().invoke(app, [*common, "--load-from", str(tmp_path / "w.pth"), "--auto-resume"])
     assert isinstance(both.exception, UsageError) and "--load-from starts a new run" in str(both.exception)
     policy = CliRunner().invoke(app, [*common, "--batch-policy", "half"])

@@ -149,6 +149,12 @@ def train(
         runner_args.append("--auto-resume")
     if cfg_options:
         runner_args += ["--cfg-options", *cfg_options]
+    if dry_run:
+        notes.append(
+            f"the run writes its merged config to {work_dir / config_path.name} and its batch plan to "
+            f"{work_dir / 'batch.json'}; `recnext config {name} --gpus {gpus * nnodes}` (with the same --config, "
+            "--batch-policy and --cfg-options) prints that config now"
+        )
     with tempfile.TemporaryDirectory(prefix="recnext-train-") as run_dir:
         run_or_show("train", runner_args, topology, notes, dry_run, Path(run_dir))
     if not dry_run:
