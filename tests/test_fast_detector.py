@@ -54,7 +54,8 @@ def test_roi_align_equals_mmcv(mmdet_stack, output_size, sampling_ratio, aligned
     rois = _rois(generator, 200, images=2, height=25, width=38, stride=4)
     expected = mmcv_roi_align(features, rois, output_size, 0.25, sampling_ratio, "avg", aligned)
     for layout in (torch.contiguous_format, torch.channels_last):
-        got = roi_align(features.contiguous(memory_format=layout), rois, output_size, 0.25, sampling_ratio, aligned)
+        got = roi_align([features.contiguous(memory_format=layout)], rois, output_size, [0.25], sampling_ratio,
+                        aligned)
         assert got.shape == expected.shape
         assert (got - expected).abs().max() <= RELATIVE * expected.abs().max()
     # A roi entirely outside the map gives zeros, as mmcv's does.
@@ -64,7 +65,7 @@ def test_roi_align_equals_mmcv(mmdet_stack, output_size, sampling_ratio, aligned
 def test_roi_align_of_no_rois_is_empty(mmdet_stack):
     from recnext_cli.fast_detector import roi_align
 
-    out = roi_align(torch.randn(1, 8, 10, 10), torch.zeros(0, 5), (7, 7), 0.5, 0, True)
+    out = roi_align([torch.randn(1, 8, 10, 10)], torch.zeros(0, 5), (7, 7), [0.5], 0, True)
     assert out.shape == (0, 8, 7, 7)
 
 
