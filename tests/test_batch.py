@@ -39,53 +39,70 @@ def test_as_configured_changes_nothing():
     assert (plan.accumulation, plan.effective_batch, plan.lr) == (1, 8, 2e-4)
 
 
-@pytest.mark.slow
-def test_one_worker_accumulating_two_steps_updates_the_weights_as_two_workers_do(tmp_path):
-    """1 worker x 2 images x 2 accumulation steps against 2 gloo workers x 2 images: one optimizer step each.
+# One optimizer step on fixed data: no flips, no shuffling, samplers that take every anchor and proposal (no random
+# draws), and SGD without clipping (AdamW's first step is lr x sign(gradient), and clipping to a norm, would hide a
+# gradient off by a factor).
+ONE_STEP = ["runner.max_epochs=1", "data.train_dataloader.shuffle=False", "data.train.pipeline.3.flip_ratio=0.0",
+            "model.train_cfg.rpn.sampler.num=100000", "model.train_cfg.rcnn.sampler.num=100000",
+            "optimizer.type=SGD", "optimizer.lr=1.0", "optimizer_config.grad_clip=None"]
 
-    SGD without clipping, because AdamW's first step is lr x sign(gradient), and clipping to a norm, would hide a
-    gradient off by a factor. The data is
-    fixed: no flips, no shuffling, samplers that take every anchor and proposal (no random draws), and the single
-    worker's image order makes its micro-batches the two workers' batches, so BatchNorm sees the same images.
-    """
-    pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
+
+def _train_one_step(work_dir: Path, workers: int, root: Path, *overrides: str) -> tuple[dict, dict]:
+    """(weights after the run, its batch.json) of `recnext train` of the demo model with ONE_STEP's settings."""
     import torch
 
-    from recnext_cli.synthetic import make_synthetic_coco
     from tests.test_e2e_cpu import TINY, recnext
 
-    two_workers_root = make_synthetic_coco(tmp_path / "coco", train_images=4, val_images=2).root
-    # Without shuffling, rank r of two reads images r and r + 2; one worker reads them in file order.
+    result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", str(workers),
+                     "--data-root", str(root), "--work-dir", str(work_dir), "--no-validate",
+                     "--cfg-options", *ONE_STEP, *overrides)
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = torch.load(work_dir / "epoch_1.pth", map_location="cpu", weights_only=False)["state_dict"]
+    weights = {key: value for key, value in state.items() if value.is_floating_point() and "running" not in key}
+    return weights, json.loads((work_dir / "batch.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tmp_path_factory) -> dict:
+    """The demo model's weights before any step (the seed fixes them): a run with lr 0."""
+    pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
+    from recnext_cli.synthetic import make_synthetic_coco
+
+    root = make_synthetic_coco(tmp_path_factory.mktemp("coco"), train_images=4, val_images=2).root
+    return _train_one_step(tmp_path_factory.mktemp("start"), 1, root, "optimizer.lr=0.0")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("images, one_worker_steps, two_worker_steps", [(4, 2, 1), (8, 4, 2)])
+def test_one_worker_accumulating_updates_the_weights_as_two_gloo_workers_do(
+    tmp_path, initial_weights, images, one_worker_steps, two_worker_steps
+):
+    """1 worker x 2 images x k steps against 2 gloo workers x 2 images x k/2 steps: one optimizer step each, the
+    recipe's batch being all the images. (8, 4, 2) also accumulates across the gloo workers (DDP's no_sync).
+
+    The single worker reads the images in an order that makes its micro-batches the two workers' batches, so
+    BatchNorm (plain, per worker, on CPU) sees the same 2-image batches.
+    """
+    from recnext_cli.synthetic import make_synthetic_coco
+
+    two_workers_root = make_synthetic_coco(tmp_path / "coco", train_images=images, val_images=2).root
+    # Without shuffling, rank r of two reads images r, r + 2, r + 4, ...; one worker reads them in file order.
     one_worker_root = tmp_path / "coco-interleaved"
     shutil.copytree(two_workers_root, one_worker_root)
     ann_file = one_worker_root / "annotations" / "instances_train2017.json"
     document = json.loads(ann_file.read_text())
-    document["images"] = [document["images"][i] for i in (0, 2, 1, 3)]
+    document["images"] = [document["images"][b + i] for b in range(0, images, 4) for i in (0, 2, 1, 3)]
     ann_file.write_text(json.dumps(document))
 
-    fixed = ["runner.max_epochs=1", "data.train_dataloader.shuffle=False", "data.train.pipeline.3.flip_ratio=0.0",
-             "model.train_cfg.rpn.sampler.num=100000", "model.train_cfg.rcnn.sampler.num=100000",
-             "optimizer.type=SGD", "optimizer.lr=1.0", "optimizer_config.grad_clip=None"]
+    recipe = f"auto_scale_lr.base_batch_size={images}"
+    accumulated, accumulated_plan = _train_one_step(tmp_path / "one", 1, one_worker_root, recipe)
+    distributed, distributed_plan = _train_one_step(tmp_path / "two", 2, two_workers_root, recipe)
 
-    def one_step(name: str, workers: int, root: Path, *overrides: str) -> tuple[dict, dict]:
-        work_dir = tmp_path / name
-        result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", str(workers),
-                         "--data-root", str(root), "--work-dir", str(work_dir), "--no-validate",
-                         "--cfg-options", *fixed, *overrides)
-        assert result.returncode == 0, result.stderr[-4000:]
-        state = torch.load(work_dir / "epoch_1.pth", map_location="cpu", weights_only=False)["state_dict"]
-        return state, json.loads((work_dir / "batch.json").read_text())
-
-    accumulated, accumulated_plan = one_step("accumulated", 1, one_worker_root)
-    distributed, distributed_plan = one_step("distributed", 2, two_workers_root)
-    start, _ = one_step("start", 2, two_workers_root, "optimizer.lr=0.0")
-
-    assert (accumulated_plan["workers"], accumulated_plan["accumulation"]) == (1, 2)
-    assert (distributed_plan["workers"], distributed_plan["accumulation"]) == (2, 1)
-    assert accumulated_plan["effective_batch"] == distributed_plan["effective_batch"] == 4
-    weights = [key for key, value in start.items() if value.is_floating_point() and "running" not in key]
-    update = max((distributed[key] - start[key]).abs().max().item() for key in weights)
-    difference = max((accumulated[key] - distributed[key]).abs().max().item() for key in weights)
+    assert (accumulated_plan["workers"], accumulated_plan["accumulation"]) == (1, one_worker_steps)
+    assert (distributed_plan["workers"], distributed_plan["accumulation"]) == (2, two_worker_steps)
+    assert accumulated_plan["effective_batch"] == distributed_plan["effective_batch"] == images
+    update = max((distributed[key] - initial_weights[key]).abs().max().item() for key in distributed)
+    difference = max((accumulated[key] - distributed[key]).abs().max().item() for key in distributed)
     assert update > 1e-3  # the step moved the weights, so agreeing below means something
     assert difference < 1e-5, f"largest difference {difference} (largest update {update})"
 
