@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from mmdet.models.roi_heads.mask_heads import FCNMaskHead
 from torch import nn
+
+# Masks are pasted in batches of similar size, each grid_sample'd over the largest region in its batch: a batch may
+# sample up to twice its masks' own area, plus this many pixels, so that small masks share one call.
+PASTE_SLACK_PIXELS = 64 * 64
 
 
 def roi_align(feature_maps, rois: torch.Tensor, output_size, spatial_scales, sampling_ratio: int, aligned: bool,
@@ -183,8 +189,134 @@ def speed_up_roi_extractors(roi_head: nn.Module) -> bool:
     return replaced
 
 
+class InferenceFCNMaskHead(FCNMaskHead):
+    """mmdet's FCNMaskHead (given this class in place of its own, weights untouched) with the same outputs, computed
+    for CPU inference: the 2x2 stride-2 transposed convolution as one matrix product with its ReLU, and masks pasted
+    into the image in a few batched grid_sample calls instead of one short call and a dozen small ops per mask.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = conv(x)
+        return self.conv_logits(upsample_as_matmul(self.upsample, x).relu_())
+
+    def get_seg_masks(self, mask_pred, det_bboxes, det_labels, rcnn_test_cfg, ori_shape, scale_factor, rescale):
+        if not isinstance(mask_pred, torch.Tensor) or mask_pred.device.type != "cpu" or not len(mask_pred):
+            return super().get_seg_masks(mask_pred, det_bboxes, det_labels, rcnn_test_cfg, ori_shape, scale_factor,
+                                         rescale)
+        # What mmdet 2.28's get_seg_masks does before pasting, in the same operations.
+        mask_pred = mask_pred.sigmoid()
+        bboxes = det_bboxes[:, :4]
+        if not isinstance(scale_factor, torch.Tensor):
+            if isinstance(scale_factor, float):
+                scale_factor = np.array([scale_factor] * 4)
+            scale_factor = torch.Tensor(scale_factor)
+        if rescale:
+            img_h, img_w = ori_shape[:2]
+            bboxes = bboxes / scale_factor.to(bboxes)
+        else:
+            w_scale, h_scale = scale_factor[0], scale_factor[1]
+            img_h = int(np.round(ori_shape[0] * h_scale.item()).astype(np.int32))
+            img_w = int(np.round(ori_shape[1] * w_scale.item()).astype(np.int32))
+        count = len(mask_pred)
+        if not self.class_agnostic:
+            mask_pred = mask_pred[range(count), det_labels][:, None]
+        masks = paste_masks(mask_pred, bboxes, img_h, img_w, rcnn_test_cfg.mask_thr_binary)
+        segms = [[] for _ in range(self.num_classes)]
+        for mask, label in zip(masks, det_labels.tolist()):
+            segms[label].append(mask)
+        return segms
+
+
+def upsample_as_matmul(deconv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """`deconv(x)` for a transposed convolution whose kernel equals its stride: every output pixel is one input
+    pixel times one kernel tap, so the whole layer is one (pixels x in) @ (in x taps*out) product and a reshuffle.
+    Returns a channels-last tensor."""
+    batch, channels, height, width = x.shape
+    kernel_h, kernel_w = deconv.kernel_size
+    out_channels = deconv.out_channels
+    weight = deconv.weight.permute(0, 2, 3, 1).reshape(channels, kernel_h * kernel_w * out_channels)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)
+    if deconv.bias is None:
+        y = rows @ weight
+    else:
+        y = torch.addmm(deconv.bias.repeat(kernel_h * kernel_w), rows, weight)
+    y = y.view(batch, height, width, kernel_h, kernel_w, out_channels).permute(0, 1, 3, 2, 4, 5)
+    return y.reshape(batch, height * kernel_h, width * kernel_w, out_channels).permute(0, 3, 1, 2)
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, img_h: int, img_w: int, threshold: float) -> np.ndarray:
+    """Masks (n, 1, h, w) of probabilities pasted into boxes (n, 4) of an img_h x img_w image: (n, img_h, img_w),
+    bool above `threshold`, or uint8 probabilities x 255 for a negative threshold, as mmdet's CPU paste gives them.
+
+    mmdet samples each mask with grid_sample over its box's pixels plus one on each side; this computes the same
+    grids with the same operations, but for a batch of masks at once, padded to the batch's largest region. Each
+    pixel is computed exactly as in mmdet (the padding is sampled too, then dropped).
+    """
+    count = len(masks)
+    x0_int = torch.clamp(boxes[:, 0].floor() - 1, min=0).to(dtype=torch.int32)
+    y0_int = torch.clamp(boxes[:, 1].floor() - 1, min=0).to(dtype=torch.int32)
+    x1_int = torch.clamp(boxes[:, 2].ceil() + 1, max=img_w).to(dtype=torch.int32)
+    y1_int = torch.clamp(boxes[:, 3].ceil() + 1, max=img_h).to(dtype=torch.int32)
+    widths = (x1_int - x0_int).clamp(min=0).tolist()
+    heights = (y1_int - y0_int).clamp(min=0).tolist()
+    out = np.zeros((count, img_h, img_w), dtype=bool if threshold >= 0 else np.uint8)
+    for batch in _paste_batches(heights, widths):
+        index = torch.tensor(batch)
+        height, width = max(heights[i] for i in batch), max(widths[i] for i in batch)
+        if not height or not width:
+            continue
+        x0, y0, x1, y1 = torch.split(boxes[index], 1, dim=1)
+        img_y = (torch.arange(height, dtype=torch.int32) + y0_int[index, None]).to(torch.float32) + 0.5
+        img_x = (torch.arange(width, dtype=torch.int32) + x0_int[index, None]).to(torch.float32) + 0.5
+        img_y = (img_y - y0) / (y1 - y0) * 2 - 1
+        img_x = (img_x - x0) / (x1 - x0) * 2 - 1
+        img_x = img_x.masked_fill(torch.isinf(img_x), 0)
+        img_y = img_y.masked_fill(torch.isinf(img_y), 0)
+        grid = torch.stack([img_x[:, None, :].expand(-1, height, -1), img_y[:, :, None].expand(-1, -1, width)], 3)
+        pasted = F.grid_sample(masks[index].to(dtype=torch.float32), grid, align_corners=False)[:, 0]
+        pasted = (pasted >= threshold) if threshold >= 0 else (pasted * 255).to(dtype=torch.uint8)
+        pasted = pasted.numpy()
+        for row, i in enumerate(batch):
+            top, left = int(y0_int[i]), int(x0_int[i])
+            out[i, top:top + heights[i], left:left + widths[i]] = pasted[row, :heights[i], :widths[i]]
+    return out
+
+
+def _paste_batches(heights: list[int], widths: list[int]) -> list[list[int]]:
+    """Mask indices grouped by region size, so that padding each group to its largest region costs little."""
+    batches, batch, batch_h, batch_w, area = [], [], 0, 0, 0
+    for i in sorted(range(len(heights)), key=lambda i: (heights[i], widths[i])):
+        grown_h, grown_w = max(batch_h, heights[i]), max(batch_w, widths[i])
+        own = area + heights[i] * widths[i]
+        if batch and (len(batch) + 1) * grown_h * grown_w > 2 * own + PASTE_SLACK_PIXELS:
+            batches.append(batch)
+            batch, grown_h, grown_w, own = [], heights[i], widths[i], heights[i] * widths[i]
+        batch.append(i)
+        batch_h, batch_w, area = grown_h, grown_w, own
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def speed_up_mask_head(roi_head: nn.Module) -> None:
+    """Give `roi_head`'s mask head InferenceFCNMaskHead's forward and paste, where it is a plain FCNMaskHead whose
+    upsampling is a transposed convolution with kernel = stride."""
+    head = getattr(roi_head, "mask_head", None)
+    if type(head) is not FCNMaskHead or head.upsample_method != "deconv":
+        return
+    deconv = head.upsample
+    plain = (deconv.padding, deconv.output_padding, deconv.dilation, deconv.groups) == ((0, 0), (0, 0), (1, 1), 1)
+    # mmcv's own ConvTranspose2d subclass only adds support for empty batches, which the matrix product has too.
+    if isinstance(deconv, nn.ConvTranspose2d) and deconv.kernel_size == deconv.stride and plain:
+        head.__class__ = InferenceFCNMaskHead
+
+
 def speed_up_heads(detector: nn.Module) -> bool:
     """`detector`'s parts after the backbone rewritten for CPU inference (in place); True when the rewritten
     detector reads channels-last feature maps correctly."""
     roi_head = getattr(detector, "roi_head", None)
-    return roi_head is not None and speed_up_roi_extractors(roi_head)
+    if roi_head is None:
+        return False
+    speed_up_mask_head(roi_head)
+    return speed_up_roi_extractors(roi_head)

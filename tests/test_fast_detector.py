@@ -88,6 +88,66 @@ def test_the_roi_extractor_equals_mmdets_on_every_level(mmdet_stack):
     assert (got - expected).abs().max() <= RELATIVE * expected.abs().max()
 
 
+def _mask_heads(num_classes: int = 3):
+    """A plain FCNMaskHead and the same head given InferenceFCNMaskHead's methods, with equal random weights."""
+    from mmdet.models.roi_heads.mask_heads import FCNMaskHead
+
+    from recnext_cli.fast_detector import InferenceFCNMaskHead, speed_up_mask_head
+
+    torch.manual_seed(3)
+    plain = FCNMaskHead(num_convs=1, in_channels=8, conv_out_channels=8, num_classes=num_classes).eval()
+    fast = copy.deepcopy(plain)
+    roi_head = torch.nn.Module()
+    roi_head.mask_head = fast
+    speed_up_mask_head(roi_head)
+    assert type(fast) is InferenceFCNMaskHead
+    return plain, fast
+
+
+def test_the_mask_head_upsamples_as_its_transposed_convolution_does(mmdet_stack):
+    plain, fast = _mask_heads()
+    features = torch.randn(5, 8, 14, 14, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = plain(features)
+        got = fast(features.contiguous(memory_format=torch.channels_last))
+        empty = fast(torch.zeros(0, 8, 14, 14))
+    assert got.shape == expected.shape == (5, 3, 28, 28) and empty.shape == (0, 3, 28, 28)
+    assert (got - expected).abs().max() <= RELATIVE * expected.abs().max()
+
+
+@pytest.mark.parametrize("threshold, rescale", [(0.5, True), (0.5, False), (-1, True)])
+def test_masks_are_pasted_exactly_as_mmdet_pastes_them(mmdet_stack, threshold, rescale):
+    from mmcv import Config
+
+    plain, fast = _mask_heads()
+    generator = torch.Generator().manual_seed(5)
+    count, height, width = 60, 90, 140
+    # Detectors clip boxes to the image (mmdet's paste fails on a box wholly outside it); these reach a little beyond.
+    corner = torch.rand(count, 2, generator=generator) * torch.tensor([width, height]) - 4
+    size = torch.rand(count, 2, generator=generator) ** 3 * torch.tensor([width, height])
+    boxes = torch.cat([corner, torch.minimum(corner + size, torch.tensor([width + 4.0, height + 4.0])),
+                       torch.rand(count, 1, generator=generator)], dim=1)
+    # A box of no width, one past the right edge, and one covering the whole image.
+    boxes[:3, :4] = torch.tensor([[20.0, 20.0, 20.0, 50.0], [120.0, -3.0, 143.0, 30.0], [-2.0, -2.0, 142.0, 92.0]])
+    logits = torch.randn(count, 3, 28, 28, generator=generator) * 4
+    labels = torch.randint(3, (count,), generator=generator)
+    scale_factor = np.array([1.25, 0.8, 1.25, 0.8], dtype=np.float32)
+    # As the roi head hands them over: in the coordinates of the resized image the network saw.
+    boxes[:, :4] *= torch.from_numpy(scale_factor)
+    cfg = Config(dict(mask_thr_binary=threshold))
+    shape = (height, width, 3)
+    expected = plain.get_seg_masks(logits, boxes, labels, cfg, shape, scale_factor, rescale)
+    got = fast.get_seg_masks(logits, boxes, labels, cfg, shape, scale_factor, rescale)
+    assert [len(masks) for masks in got] == [len(masks) for masks in expected]
+    painted = 0
+    for class_masks, class_expected in zip(got, expected, strict=True):
+        for mask, want in zip(class_masks, class_expected, strict=True):
+            assert mask.dtype == want.dtype and mask.shape == want.shape
+            assert np.array_equal(mask, want)
+            painted += int(want.any())
+    assert painted > count // 2
+
+
 @pytest.fixture(scope="module")
 def demo_detector(mmdet_stack):
     """The demo config's Mask R-CNN (RecNeXt-M0) with seeded random weights, trained-like BatchNorm statistics and
@@ -119,7 +179,7 @@ def _detect(detector, images: torch.Tensor, original: tuple[int, int]):
 
 
 def test_the_fast_detector_finds_the_same_objects_and_masks(demo_detector):
-    from recnext_cli.fast_detector import ChannelsLastRoIExtractor
+    from recnext_cli.fast_detector import ChannelsLastRoIExtractor, InferenceFCNMaskHead
     from recnext_cli.fastpath import choose_fast_path, prepare_input, speed_up_detector
 
     images = torch.randn(2, 3, 128, 160, generator=torch.Generator().manual_seed(2))
@@ -127,6 +187,7 @@ def test_the_fast_detector_finds_the_same_objects_and_masks(demo_detector):
     plan = choose_fast_path("cpu")
     fast = speed_up_detector(copy.deepcopy(demo_detector), plan)
     assert isinstance(fast.roi_head.bbox_roi_extractor, ChannelsLastRoIExtractor)
+    assert type(fast.roi_head.mask_head) is InferenceFCNMaskHead
     got = _detect(fast, prepare_input(images, plan), (120, 150))
     detections = 0
     for (boxes, masks), (want_boxes, want_masks) in zip(got, expected, strict=True):
