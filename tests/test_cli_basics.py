@@ -83,7 +83,7 @@ def test_doctor_is_green_on_the_installed_stack(tmp_path):
     report = json.loads(proc.stdout)
     assert report["usable"] is True
     status = {c["name"]: c["status"] for c in report["checks"]}
-    assert status["mmcv-full"] == "ok" and status["mmdet"] == "ok" and status["torch"] == "ok"
+    assert status["mmcv"] == "ok" and status["mmdet"] == "ok" and status["torch"] == "ok"
     fixed = [c for c in report["checks"] if c["status"] == "fixed in-process"]
     assert any("MMDistributedDataParallel" in c["name"] for c in fixed)
     assert any("weights_only" in c["name"] for c in fixed)
