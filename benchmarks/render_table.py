@@ -53,12 +53,34 @@ def _latency_rows(record: dict) -> list[tuple[str, str, str, str]]:
 
 def _detector_rows(record: dict) -> list[tuple[str, str, str, str]]:
     baseline, fast = record["median_ms"].values()
-    same = "identical" if record["masks_differ"] == 0 else f"{record['masks_differ']} masks differ"
-    result = (f"{baseline:.0f} → {fast:.0f} ms (**{record['speedup']:.2f}x**), {record['detections']} detections "
-              f"{same}, boxes within {record['largest_box_difference']:.0e}")
-    what = (f"whole RecNeXt-{record['model'].upper()} Mask R-CNN, {record['input']} fp32, mmdet eager against the "
-            f"fast path ({record['fast_path']})")
+    same = "identical" if record["masks_differ"] == 0 else (
+        f"{record['masks_differ']} differ ({record['pixels_differ']} pixels)")
+    result = (f"{baseline:.0f} → {fast:.0f} ms (**{record['speedup']:.2f}x**; CPU time "
+              f"{record['cpu_speedup']:.2f}x), {record['detections']} detections, masks {same}, boxes within {record['largest_box_difference']:.0e}")
+    what = (f"whole RecNeXt-{record['model'].upper()} Mask R-CNN, {record['input']} fp32, mmdet "
+            f"eager against the fast path ({record['fast_path']})")
     return [("`benchmarks/detector.py`", what, result, _machine(record))]
+
+
+def _test_loop_rows(record: dict) -> list[tuple[str, str, str, str]]:
+    plain, fast = record["images_per_s"].values()
+    equal = "all COCO metrics equal" if record["metrics_equal"] else "metrics DIFFER"
+    result = f"{plain:.1f} → {fast:.1f} images/s (**{record['speedup']:.2f}x**), {equal}"
+    what = (f"`recnext test --fuse-conv-bn`'s loop against mmdet's plain test loop, {record['images']} synthetic "
+            "images, tiny trained RecNeXt-M0 model")
+    return [("`benchmarks/test_loop.py`", what, result, _machine(record))]
+
+
+def _bf16_rows(record: dict) -> list[tuple[str, str, str, str]]:
+    what = "bf16 backbone against fp32, fast path, tiny trained RecNeXt-M0 model on the synthetic set"
+    if "skipped" in record:
+        return [("`benchmarks/bf16_accuracy.py`", what, f"not measured: {record['skipped']}", _machine(record))]
+    change = record["ap_change"]
+    fp32 = record["metrics"]["fp32"]
+    result = (f"box AP {fp32['bbox_mAP']:.4f} (bf16 {change['bbox_mAP']:+.4f}), mask AP {fp32['segm_mAP']:.4f} "
+              f"(bf16 {change['segm_mAP']:+.4f}); bf16 speed {record['speedup_test_loop']:.2f}x (test loop), "
+              f"{record['speedup_backbone']:.2f}x (backbone at {'x'.join(map(str, record['backbone_input']))})")
+    return [("`benchmarks/bf16_accuracy.py`", what, result, _machine(record))]
 
 
 def _coco_eval_rows(record: dict) -> list[tuple[str, str, str, str]]:
@@ -79,7 +101,10 @@ def _startup_rows(record: dict) -> list[tuple[str, str, str, str]]:
              _machine(record))]
 
 
-ROWS = {"latency": _latency_rows, "detector": _detector_rows, "coco_eval": _coco_eval_rows, "startup": _startup_rows}
+ROWS = {
+    "latency": _latency_rows, "detector": _detector_rows, "test_loop": _test_loop_rows, "bf16": _bf16_rows,
+    "coco_eval": _coco_eval_rows, "startup": _startup_rows,
+}
 
 
 def render(records: list[dict]) -> str:

@@ -34,8 +34,9 @@ GOAL_SPEEDUP = 1.2
 TOLERANCE = 1e-3
 
 
-def build_loop(root: Path, checkpoint: Path, fast: bool):
-    """(data loader, model ready for single_gpu_test) as recnext_cli.runners.test sets them up on one CPU process."""
+def build_loop(root: Path, checkpoint: Path, fast: bool, dtype: torch.dtype = torch.float32):
+    """(data loader, model ready for single_gpu_test) as recnext_cli.runners.test sets them up on one CPU process;
+    `fast`: as `--fuse-conv-bn` prepares it, with the backbone in `dtype`."""
     from mmdet.datasets import build_dataloader, build_dataset
     from mmdet.utils import build_dp, compat_cfg
 
@@ -51,8 +52,15 @@ def build_loop(root: Path, checkpoint: Path, fast: bool):
         dataset = build_dataset(cfg.data.test)
         model = build_detector(cfg, "cpu")
         load_weights(model, str(checkpoint))
-    if fast:
+    if fast and dtype is torch.float32:
         model = fuse_batch_norms(model, "cpu")
+    elif fast:
+        from mmcv.cnn import fuse_conv_bn
+
+        from recnext_cli.fastpath import speed_up_detector
+
+        # What fuse_batch_norms does, with a dtype: recnext test has no bf16 flag yet.
+        model = fuse_conv_bn(speed_up_detector(model, dtype=dtype, device="cpu"))
     loader = build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=0, dist=False, shuffle=False)
     return loader, build_dp(model, "cpu", device_ids=[0])
 

@@ -1,4 +1,4 @@
-"""CPU inference rewrites of mmdet's Mask R-CNN parts around the backbone: RoI feature extraction, FPN, RPN, masks."""
+"""CPU inference rewrites of mmdet's Mask R-CNN heads: RoI feature extraction, mask upsampling and mask pasting."""
 
 from __future__ import annotations
 

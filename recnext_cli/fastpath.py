@@ -88,7 +88,7 @@ class FastPath:
     channels_last: bool = True
     onednn_fusion: bool = False
     compile: bool = False
-    detector_heads: bool = False  # CPU rewrites of a detector's RoI extraction, FPN, RPN and mask paste
+    detector_heads: bool = False  # CPU rewrites of a detector's RoI extraction, mask upsampling and mask paste
 
     def __post_init__(self) -> None:
         if self.onednn_fusion and not (self.fold_batchnorm and self.channels_last):
@@ -103,7 +103,8 @@ class FastPath:
                 ("channels-last", self.channels_last),
                 ("oneDNN conv+GELU / conv+add fusion, split channel-doubling convs", self.onednn_fusion),
                 ("torch.compile", self.compile),
-                ("detector heads: RoIAlign as gathers from channels-last maps", self.detector_heads),
+                ("Mask R-CNN heads: RoIAlign as channels-last gathers, mask upsampling as one matmul, batched mask "
+                 "paste", self.detector_heads),
             )
             if on
         ]
@@ -126,7 +127,9 @@ def choose_fast_path(
     channels-last makes oneDNN's depthwise convolutions 2-3x faster than NCHW, and fusing GELU and the residual add
     into the 1x1 convolutions saves whole passes over the activations. Inductor does its own fusions, so compiled
     models keep only the rewrites it can trace. On CUDA the rewrites are the ones every GPU library runs well
-    (folding, NHWC); they have not been timed on a GPU here.
+    (folding, NHWC); they have not been timed on a GPU here. On a CPU a Mask R-CNN's heads are rewritten as well
+    (`recnext_cli.fast_detector`, same detections): mmcv's CPU RoIAlign is a scalar loop on one thread, and mmdet
+    pastes each mask with a dozen small operations.
     """
     device = torch.device(device)
     if not fused:
@@ -408,24 +411,33 @@ def prepare_input(
 
 
 class DetectorFeatures(nn.Module):
-    """A prepared backbone handing its feature maps to the rest of a detector: in `dtype` (None: as computed), and in
-    NCHW memory order unless `channels_last` says the detector reads channels-last features correctly.
+    """A prepared backbone inside a detector: images enter in `input_dtype` (None: as given), feature maps leave in
+    `dtype` (None: as computed), in NCHW memory order unless `channels_last` says the detector reads channels-last
+    maps correctly.
 
     mmcv 1.7's CPU RoIAlign indexes its input's data pointer as contiguous NCHW without checking, so channels-last
     features reaching it through FPN would be read wrongly; `fast_detector.roi_align` reads them in place. A bf16
-    backbone hands fp32 features to an fp32 detector.
+    backbone takes the fp32 images mmdet's pipeline gives and hands fp32 features to an fp32 detector.
     """
 
-    def __init__(self, backbone: nn.Module, dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        input_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.dtype = dtype
+        self.input_dtype = input_dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = self.backbone(x.to(dtype=self.input_dtype or x.dtype))
         return [
             feature.to(dtype=self.dtype or feature.dtype).contiguous(memory_format=self.memory_format)
-            for feature in self.backbone(x)
+            for feature in features
         ]
 
 
@@ -455,6 +467,11 @@ def speed_up_detector(
         channels_last_features = speed_up_heads(detector)
     if isinstance(detector.backbone, RecNeXt):
         backbone = prepare_for_inference(detector.backbone, plan, dtype=dtype, device=device)
-        feature_dtype = torch.float32 if dtype is torch.bfloat16 else None
-        detector.backbone = DetectorFeatures(backbone, feature_dtype, channels_last_features and plan.channels_last)
+        bf16 = dtype is torch.bfloat16
+        detector.backbone = DetectorFeatures(
+            backbone,
+            dtype=torch.float32 if bf16 else None,
+            channels_last=channels_last_features and plan.channels_last,
+            input_dtype=dtype if bf16 else None,
+        )
     return detector.to(device)

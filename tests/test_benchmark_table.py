@@ -58,6 +58,54 @@ def test_rendering_writes_the_recorded_figures_between_the_markers(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "results"]
 
 
+def _records() -> dict[str, dict]:
+    machine = machine_info(1)
+    common = {"machine": machine, "load_average_after": [0.5, 0.5, 0.5], "threads": 1}
+    return {
+        "detector-1-thread.json": {
+            **common, "benchmark": "detector", "model": "m3", "input": "800x1344", "rounds": 3,
+            "fast_path": "BatchNorm folded", "median_ms": {"eager": 5316.0, "fast": 3720.0},
+            "cpu_ms": {"eager": 5300.0, "fast": 3700.0}, "speedup": 1.43, "cpu_speedup": 1.44, "detections": 100,
+            "largest_box_difference": 1.2e-4, "masks_differ": 0, "pixels_differ": 0, "goal_met": True,
+        },
+        "test_loop.json": {
+            **common, "benchmark": "test_loop", "images": 64, "rounds": 3,
+            "images_per_s": {"plain mmdet": 18.0, "recnext test": 24.6}, "speedup": 1.37,
+            "metrics": {"bbox_mAP": 0.106}, "metrics_equal": True, "goal_met": True,
+        },
+        "bf16.json": {
+            **common, "benchmark": "bf16", "rounds": 3, "images": 64,
+            "metrics": {"fp32": {"bbox_mAP": 0.1061, "segm_mAP": 0.1302},
+                        "bf16": {"bbox_mAP": 0.1054, "segm_mAP": 0.1267}},
+            "ap_change": {"bbox_mAP": -0.0007, "segm_mAP": -0.0035}, "speedup_test_loop": 1.02,
+            "speedup_backbone": 1.2, "backbone_input": [128, 128],
+        },
+    }
+
+
+def test_detector_test_loop_and_bf16_rows_carry_their_figures(tmp_path):
+    render_table = _render_table()
+    for name, record in _records().items():
+        write_result(tmp_path / "results" / name, record)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{render_table.START}\n{render_table.END}\n")
+    assert render_table.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    rows = {line.split("|")[1].strip(): line for line in readme.read_text().splitlines() if line.startswith("| `")}
+    detector = rows["`benchmarks/detector.py`"]
+    assert "5316 → 3720 ms (**1.43x**; CPU time 1.44x), 100 detections, masks identical" in detector
+    assert "18.0 → 24.6 images/s (**1.37x**), all COCO metrics equal" in rows["`benchmarks/test_loop.py`"]
+    bf16 = rows["`benchmarks/bf16_accuracy.py`"]
+    assert "box AP 0.1061 (bf16 -0.0007), mask AP 0.1302 (bf16 -0.0035)" in bf16
+    assert "1.20x (backbone at 128x128)" in bf16
+    assert "1 thread(s)" in bf16
+
+
+def test_a_bf16_run_skipped_for_want_of_the_instructions_says_why(tmp_path):
+    render_table = _render_table()
+    record = {"benchmark": "bf16", "machine": machine_info(1), "skipped": "--dtype bf16 needs a CPU with avx512_bf16"}
+    assert "not measured: --dtype bf16 needs a CPU with avx512_bf16" in render_table.render([record])
+
+
 def test_a_readme_without_markers_is_refused(tmp_path):
     render_table = _render_table()
     readme = tmp_path / "README.md"
