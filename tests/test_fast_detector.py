@@ -201,3 +201,22 @@ def test_the_fast_detector_finds_the_same_objects_and_masks(demo_detector):
                 assert mask.dtype == want.dtype and np.array_equal(mask, want)
     # The demo config keeps at most 20 per image; the busy heads must fill that, or masks would go untested.
     assert detections == 40
+
+
+def test_a_bf16_backbone_takes_the_pipelines_fp32_images_and_finds_nearly_the_same_objects(demo_detector):
+    from recnext_cli.errors import UsageError
+    from recnext_cli.fastpath import choose_fast_path, resolve_dtype, speed_up_detector
+
+    try:
+        dtype = resolve_dtype("bf16", torch.device("cpu"))
+    except UsageError as exc:
+        pytest.skip(str(exc))
+    images = torch.randn(1, 3, 128, 160, generator=torch.Generator().manual_seed(2))
+    expected = _detect(demo_detector, images, (120, 150))
+    fast = speed_up_detector(copy.deepcopy(demo_detector), choose_fast_path("cpu", dtype), dtype=dtype)
+    assert next(fast.backbone.parameters()).dtype is torch.bfloat16
+    ((boxes, masks),) = _detect(fast, images, (120, 150))
+    assert sum(len(class_boxes) for class_boxes in boxes) == 20
+    # bf16 keeps 8 bits of mantissa: the strongest detections stay where they were.
+    best = max(range(3), key=lambda label: expected[0][0][label][:, 4].max(initial=0))
+    assert len(boxes[best]) and np.abs(boxes[best][0, :4] - expected[0][0][best][0, :4]).max() < 4.0
