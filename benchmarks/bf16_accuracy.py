@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     loop_s = {label: [] for label in labels}
     backbone_s = {label: [] for label in labels}
     with torch_threads(args.threads):
-        outputs = {label: run_loop(*loop)[1] for label, loop in loops.items()}
+        outputs = {label: run_loop(*loop)[2] for label, loop in loops.items()}
         for round_index in range(args.rounds):
             for label in labels[:: 1 if round_index % 2 == 0 else -1]:
                 loop_s[label].append(run_loop(*loops[label])[0])

@@ -55,8 +55,8 @@ def _detector_rows(record: dict) -> list[tuple[str, str, str, str]]:
     baseline, fast = record["median_ms"].values()
     same = "identical" if record["masks_differ"] == 0 else (
         f"{record['masks_differ']} differ ({record['pixels_differ']} pixels)")
-    result = (f"{baseline:.0f} → {fast:.0f} ms (**{record['speedup']:.2f}x**; CPU time "
-              f"{record['cpu_speedup']:.2f}x), {record['detections']} detections, masks {same}, boxes within {record['largest_box_difference']:.0e}")
+    result = (f"{baseline:.0f} → {fast:.0f} ms (**{record['speedup']:.2f}x**; CPU time {record['cpu_speedup']:.2f}x), "
+              f"{record['detections']} detections, masks {same}, boxes within {record['largest_box_difference']:.0e}")
     what = (f"whole RecNeXt-{record['model'].upper()} Mask R-CNN, {record['input']} fp32, mmdet "
             f"eager against the fast path ({record['fast_path']})")
     return [("`benchmarks/detector.py`", what, result, _machine(record))]
@@ -65,7 +65,8 @@ def _detector_rows(record: dict) -> list[tuple[str, str, str, str]]:
 def _test_loop_rows(record: dict) -> list[tuple[str, str, str, str]]:
     plain, fast = record["images_per_s"].values()
     equal = "all COCO metrics equal" if record["metrics_equal"] else "metrics DIFFER"
-    result = f"{plain:.1f} → {fast:.1f} images/s (**{record['speedup']:.2f}x**), {equal}"
+    result = (f"{plain:.1f} → {fast:.1f} images/s (**{record['speedup']:.2f}x**; CPU time "
+              f"{record['cpu_speedup']:.2f}x), {equal}")
     what = (f"`recnext test --fuse-conv-bn`'s loop against mmdet's plain test loop, {record['images']} synthetic "
             "images, tiny trained RecNeXt-M0 model")
     return [("`benchmarks/test_loop.py`", what, result, _machine(record))]

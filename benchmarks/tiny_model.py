@@ -24,7 +24,7 @@ from recnext_cli.zoo import CONFIG_ROOT
 CONFIG = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
 # Outside the checkout: packaging tests there delete build/.
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / f"recnext-bench-synthetic-{os.getuid()}"
-SETTINGS = {"train_images": 48, "val_images": 64, "epochs": 2, "seed": 0}
+SETTINGS = {"train_images": 48, "val_images": 64, "epochs": 2, "seed": 0, "threads": 1}
 
 
 def _stamp() -> dict:
@@ -49,7 +49,8 @@ def tiny_model(work_dir: Path = DEFAULT_WORK_DIR) -> tuple[Path, Path]:
     command = [sys.executable, "-m", "recnext_cli", "train", "tiny", "--config", str(CONFIG), "--data-root",
                str(root), "--work-dir", str(train_dir), "--device", "cpu", "--gpus", "1", "--seed",
                str(SETTINGS["seed"]), "--cfg-options", f"runner.max_epochs={SETTINGS['epochs']}"]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": str(SETTINGS["threads"])}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0 or not checkpoint.is_file():
         raise SystemExit(f"training the tiny model failed ({result.returncode}):\n{result.stderr[-3000:]}")
     stamp_file.write_text(json.dumps(stamp))
