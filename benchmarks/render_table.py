@@ -55,8 +55,9 @@ def _detector_rows(record: dict) -> list[tuple[str, str, str, str]]:
     baseline, fast = record["median_ms"].values()
     same = "identical" if record["masks_differ"] == 0 else (
         f"{record['masks_differ']} differ ({record['pixels_differ']} pixels)")
-    result = (f"{baseline:.0f} → {fast:.0f} ms (**{record['speedup']:.2f}x**; CPU time {record['cpu_speedup']:.2f}x), "
-              f"{record['detections']} detections, masks {same}, boxes within {record['largest_box_difference']:.0e}")
+    result = (f"{baseline:.0f} → {fast:.0f} ms (**{record['speedup']:.2f}x**; CPU time "
+              f"{record['cpu_speedup']:.2f}x), {record['detections']} detections, masks {same}, "
+              f"boxes within {record['largest_box_difference']:.0e}")
     what = (f"whole RecNeXt-{record['model'].upper()} Mask R-CNN, {record['input']} fp32, mmdet "
             f"eager against the fast path ({record['fast_path']})")
     return [("`benchmarks/detector.py`", what, result, _machine(record))]
