@@ -154,3 +154,17 @@ def test_apply_all_is_idempotent_and_reports_fixes():
     assert {"ddp-replicated-tensor", "scatter-stream", "checkpoint-weights-only", "cpu-distributed"} <= set(first)
     compiled_cpu_only = ops.compiled_ext() is not None and not ops.mmcv_has_cuda_ops()
     assert ("ops-without-cuda" in first) == (torch.cuda.is_available() and compiled_cpu_only)
+
+
+def test_patching_twice_with_the_same_function_keeps_the_true_original():
+    from recnext_cli.compat._util import mark
+
+    def original():
+        pass
+
+    def replacement():
+        pass
+
+    patched = mark(replacement, original)
+    assert mark(replacement, patched) is replacement  # a second patch() call sees its own function installed
+    assert original_of(replacement) is original

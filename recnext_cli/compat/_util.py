@@ -14,7 +14,8 @@ def torch_at_least(version: str) -> bool:
 
 def mark(replacement, original):
     """Tag a replacement with what it replaces, so patches are idempotent and tests can restore the original."""
-    setattr(replacement, ORIGINAL, original)
+    if replacement is not original:  # patching twice with the same function keeps the first original
+        setattr(replacement, ORIGINAL, original)
     return replacement
 
 
@@ -24,6 +25,8 @@ def is_marked(obj) -> bool:
 
 def original_of(obj):
     """The unpatched object behind a replacement, however many times it was patched (the object itself when never)."""
-    while is_marked(obj):
+    seen = set()
+    while is_marked(obj) and id(obj) not in seen:
+        seen.add(id(obj))
         obj = obj.__dict__[ORIGINAL]
     return obj
