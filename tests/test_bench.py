@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -407,24 +408,28 @@ def test_detector_fp16_needs_cuda():
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mmdet") is None, reason="mmdet is not installed")
-def test_fast_backbone_inside_the_detector_feeds_fpn_equal_nchw_features():
+def test_fast_backbone_inside_the_detector_feeds_fpn_equal_features_in_the_layout_its_roi_align_reads():
     from recnext_cli.bench import build_random_detector
+    from recnext_cli.fast_detector import ChannelsLastRoIExtractor
     from recnext_cli.fastpath import speed_up_detector
 
-    detector = build_random_detector("a3")
+    reference = build_random_detector("a3")
     with torch.no_grad():
-        for module in detector.backbone.modules():
+        for module in reference.backbone.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 1.5)
-    reference = copy.deepcopy(detector)
-    plan = choose_fast_path("cpu")
-    detector = speed_up_detector(detector, plan)
     images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference.extract_feat(images)
-        features = detector.extract_feat(prepare_input(images, plan))
-    assert len(features) == 5
-    # mmcv's CPU RoIAlign reads these as contiguous NCHW.
-    assert all(feature.is_contiguous() for feature in features)
-    assert _relative_error(features, expected) <= TOLERANCE
+    plan = choose_fast_path("cpu")
+    # With its heads rewritten the detector reads channels-last maps; without, mmcv's CPU RoIAlign reads them as
+    # contiguous NCHW, whatever their strides say.
+    for heads, layout in ((True, torch.channels_last), (False, torch.contiguous_format)):
+        detector = speed_up_detector(copy.deepcopy(reference), dataclasses.replace(plan, detector_heads=heads))
+        assert isinstance(detector.roi_head.bbox_roi_extractor, ChannelsLastRoIExtractor) == heads
+        with torch.inference_mode():
+            features = detector.extract_feat(prepare_input(images, plan))
+        assert len(features) == 5
+        assert all(feature.is_contiguous(memory_format=layout) for feature in features[:4]), heads
+        assert _relative_error(features, expected) <= TOLERANCE
