@@ -29,7 +29,7 @@ bench: setup
 	-$(BIN)/python benchmarks/latency.py --threads 1 --bf16 --out $(RESULTS)/latency-1-thread.json
 	-$(BIN)/python benchmarks/latency.py --threads 2 --bf16 --out $(RESULTS)/latency-2-threads.json
 	-$(BIN)/python benchmarks/detector.py --threads 1 --rounds 3 --out $(RESULTS)/detector-1-thread.json
-	-$(BIN)/python benchmarks/detector.py --threads 2 --out $(RESULTS)/detector-2-threads.json
+	-$(BIN)/python benchmarks/detector.py --threads 2 --rounds 3 --out $(RESULTS)/detector-2-threads.json
 	-$(BIN)/python benchmarks/test_loop.py --threads 1 --out $(RESULTS)/test_loop.json
 	-$(BIN)/python benchmarks/bf16_accuracy.py --threads 1 --out $(RESULTS)/bf16.json
 	-$(BIN)/python benchmarks/coco_eval.py --images 200 --out $(RESULTS)/coco_eval.json

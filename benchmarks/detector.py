@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
           f"RecNeXt-{args.model.upper()} Mask R-CNN, 1x3x{args.input} fp32, {args.rounds} rounds")
     labels = ("mmdet eager (--no-fused)", "fast path (default)")
     with torch_threads(args.threads), torch.inference_mode():
-        runners = dict(zip(labels, (build_runner(args.model, dataclasses.replace(config, fused=fused))
+        runners = dict(zip(labels, (build_runner(args.model, dataclasses.replace(config, fused=fused), with_flops=False)
                                     for fused in (False, True))))
         outputs = {label: runner.run() for label, runner in runners.items()}  # also the warm-up
         times = {label: [] for label in labels}

@@ -263,8 +263,11 @@ def untimed_calls(fast_path, device, warmup: int) -> int:
     return max(warmup, needed)
 
 
-def build_runner(name: str, config: BenchConfig) -> Runner:
-    """Model `name` with random seeded weights, prepared as `config` says, on a seeded random input."""
+def build_runner(name: str, config: BenchConfig, *, with_flops: bool = True) -> Runner:
+    """Model `name` with random seeded weights, prepared as `config` says, on a seeded random input.
+
+    `with_flops=False` skips counting FLOPs (one more forward pass, slow under the counter; `Runner.flops` is 0).
+    """
     import torch
 
     from recnext_cli.fastpath import choose_fast_path, resolve_device, resolve_dtype
@@ -277,7 +280,7 @@ def build_runner(name: str, config: BenchConfig) -> Runner:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(config.batch, 3, *config.input_size, generator=generator)
     build = _detector_runner if config.part == "detector" else _backbone_runner
-    run, params, flops = build(entry.name, images, config, plan, device, dtype)
+    run, params, flops = build(entry.name, images, config, plan, device, dtype, with_flops)
     return Runner(run, params, flops, plan, device)
 
 
@@ -352,7 +355,7 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def _backbone_runner(name, images, config: BenchConfig, plan, device, dtype):
+def _backbone_runner(name, images, config: BenchConfig, plan, device, dtype, with_flops: bool):
     import torch
 
     from recnext_cli.fastpath import prepare_for_inference, prepare_input
@@ -360,13 +363,13 @@ def _backbone_runner(name, images, config: BenchConfig, plan, device, dtype):
     model = random_backbone(name)
     params = count_parameters(model)
     with torch.inference_mode():
-        flops = count_flops(lambda: model(images))
+        flops = count_flops(lambda: model(images)) if with_flops else 0
     model = prepare_for_inference(model, plan, dtype=dtype, device=device)
     inputs = prepare_input(images, plan, dtype=dtype, device=device)
     return (lambda: model(inputs)), params, flops
 
 
-def _detector_runner(name, images, config: BenchConfig, plan, device, dtype):
+def _detector_runner(name, images, config: BenchConfig, plan, device, dtype, with_flops: bool):
     """Mask R-CNN built from the published config with random weights, timed through mmdet's test-mode forward.
 
     fp16 is mmdet's own fp16 mode (`wrap_fp16_model`: autocast in the network, fp32 box decoding and NMS).
@@ -383,7 +386,7 @@ def _detector_runner(name, images, config: BenchConfig, plan, device, dtype):
         return detector(return_loss=False, rescale=False, img=[x], img_metas=[metas])
 
     with torch.inference_mode():
-        flops = count_flops(lambda: forward(images))
+        flops = count_flops(lambda: forward(images)) if with_flops else 0
     detector = speed_up_detector(detector, plan, dtype=dtype, device=device)
     if dtype is torch.float16:
         from mmcv.runner import wrap_fp16_model
