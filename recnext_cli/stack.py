@@ -276,12 +276,13 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
     python = options.python
     with open(log_path, "w") as log:
         pip = [python, "-m", "pip", "install", "--quiet"]
-        if installed_version(python, "torch") != TORCH_VERSION or \
-                installed_version(python, "torchvision") != TORCHVISION_VERSION:
+        torch_version = installed_version(python, "torch")
+        if torch_version != TORCH_VERSION or installed_version(python, "torchvision") != TORCHVISION_VERSION:
             report(f"installing torch {TORCH_VERSION} and torchvision {TORCHVISION_VERSION}")
             _run(pip + [f"torch=={TORCH_VERSION}", f"torchvision=={TORCHVISION_VERSION}"], log)
             steps.append(f"installed torch {TORCH_VERSION}, torchvision {TORCHVISION_VERSION}")
-        torch = {"version": installed_version(python, "torch")}
+            torch_version = TORCH_VERSION
+        torch = {"version": torch_version}
         cuda_kernels = False
         if options.compile_ops:
             torch = torch_facts(python)
