@@ -14,11 +14,10 @@ import torch.distributed as dist
 from torch import nn
 
 from recnext_cli.nn import sync_bn
-from recnext_cli.runners import join_job
+from recnext_cli.runners import TORCHRUN_VARIABLES, join_job
 from recnext_cli.zoo import CONFIG_ROOT
 
 TINY = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _count(module: nn.Module, kind: type) -> int:
@@ -29,16 +28,16 @@ def _count(module: nn.Module, kind: type) -> int:
 def slurm_task(monkeypatch):
     """Puts this process in the environment srun gives task `local_id` of a 4-task step on one node."""
     for name in TORCHRUN_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        # setenv first, so that monkeypatch records the value before the test (or its absence) and puts it back:
+        # a bare delenv of an unset variable records nothing, and what join_job wrote would outlive the test.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
     def enter(local_id: int) -> None:
         for name, value in {"SLURM_PROCID": local_id, "SLURM_NTASKS": 4, "SLURM_LOCALID": local_id,
                             "SLURM_JOB_NODELIST": "gpu01", "SLURM_JOB_ID": 4242}.items():
             monkeypatch.setenv(name, str(value))
-        join_job("slurm")
-        # join_job writes os.environ directly: undo it after the test as well.
-        for name in TORCHRUN_VARIABLES:
-            monkeypatch.setenv(name, os.environ[name])
+        join_job("slurm")  # writes os.environ directly: the monkeypatch entries above undo it after the test
 
     return enter
 

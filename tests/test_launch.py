@@ -145,6 +145,18 @@ def test_slurm_task_variables_become_torchrun_variables():
         torchrun_env_from_slurm({k: v for k, v in environ.items() if k != "SLURM_PROCID"})
 
 
+def test_a_single_worker_ignores_the_job_its_parent_environment_describes():
+    # Inside a Slurm allocation, or after an earlier torchrun job in the same shell, RANK/WORLD_SIZE may describe
+    # another job: a `--launcher none` worker must still run alone instead of waiting for ranks nobody starts.
+    code = ("from recnext_cli.runners import join_job; from recnext_cli.compat import init_distributed; "
+            "join_job('none'); print(init_distributed('cpu'))")
+    stale = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731"}
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **stale}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(0, 1)"
+
+
 def test_variadic_options_take_every_following_word():
     args = ["m3", "--eval", "bbox", "segm", "--gpus", "2", "--cfg-options", "a=1", "b=[1,2]", "--dry-run"]
     assert expand_variadic(args, ("--eval", "--cfg-options")) == [

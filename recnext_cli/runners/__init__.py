@@ -67,10 +67,22 @@ def torchrun_env_from_slurm(environ: dict[str, str]) -> dict[str, str]:
     return env
 
 
+# What torchrun tells its workers about the job; a `--launcher none` worker is the whole job, whatever these say.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 def join_job(launcher: str) -> None:
-    """Make the environment look like torchrun's, whichever launcher started this worker."""
+    """Make the environment look like torchrun's, whichever launcher started this worker.
+
+    A single process (`none`) drops what its parent's environment says about another job: inside a Slurm allocation
+    or a shell that exported RANK=0 WORLD_SIZE=4, it would otherwise wait forever for three workers nobody starts.
+    """
     if launcher == "slurm":
         os.environ.update(torchrun_env_from_slurm(dict(os.environ)))
+    elif launcher == "none":
+        for name in TORCHRUN_VARIABLES:
+            os.environ.pop(name, None)
 
 
 def load_config(path: str, data_root: Path, cfg_options: list[str]):
