@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ from recnext_cli.errors import UnknownModelError  # noqa: E402
 from recnext_cli.models import config_file, set_data_root, set_pretrain_checkpoint  # noqa: E402
 
 COCO = ("m3", "m4", "m5", "a3", "a4", "a5")
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# Each published run's logged config text, kept by tests/data/published/extract.py.
+PUBLISHED = Path(__file__).resolve().parent / "data" / "published"
 # Written into the dumped config by mmdet's train script, not part of the recipe.
 RUNTIME_ONLY = {"work_dir", "auto_resume", "gpu_ids"}
 # Ours only: makes mmdet's own tools register the RecNeXt backbones when they load the config.
@@ -47,11 +47,7 @@ def ours(variant: str) -> dict:
 
 
 def published(variant: str) -> dict:
-    log = REFERENCE_DIR / f"recnext_{variant}_coco.log.json"
-    if not log.is_file():
-        pytest.skip(f"published run log {log} is absent (the shared reference folder is not mounted)")
-    with log.open() as f:
-        text = json.loads(f.readline())["config"]
+    text = (PUBLISHED / f"recnext_{variant}_coco.py").read_text(encoding="utf-8")
     return mmcv.Config.fromstring(text, ".py")._cfg_dict.to_dict()
 
 

@@ -24,13 +24,11 @@ from recnext_cli.results import (
     evaluation_document,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-README = REFERENCE / "seed-detection-README.md"
-PUBLISHED_LOGS = sorted(REFERENCE.glob("recnext_*_coco.log.json"))
-needs_reference = pytest.mark.skipif(
-    not README.is_file() or len(PUBLISHED_LOGS) != 6,
-    reason=f"the upstream README and the six published mmdet logs are not in {REFERENCE}",
-)
+# What the tests use of the upstream README and the six published mmdet logs, kept by
+# tests/data/published/extract.py: the README's table, each run's config text and validation records.
+PUBLISHED = Path(__file__).resolve().parent / "data" / "published"
+README = PUBLISHED / "readme_table.md"
+PUBLISHED_RUNS = json.loads((PUBLISHED / "val_metrics.json").read_text(encoding="utf-8"))
 # Two README cells match no epoch of their log under any rounding (log A3 epoch 12: segm_mAP_50 0.6117;
 # A5 epoch 9: bbox_mAP_75 0.4881); every other cell is the best-box-mAP epoch. Listed so that any other
 # difference, or these two changing, fails.
@@ -60,6 +58,18 @@ def write_log(path: Path, val_epochs: list[dict], backbone: str | None = "recnex
     return path
 
 
+def published_logs(directory: Path) -> list[Path]:
+    """The six published runs as mmdet json logs again: the logged config and exp_name, then the val records."""
+    paths = []
+    for model, run in sorted(PUBLISHED_RUNS.items()):
+        config = (PUBLISHED / f"recnext_{model}_coco.py").read_text(encoding="utf-8").split("\n", 1)[1]
+        lines = [{"config": config, "exp_name": run["exp_name"]}, *run["val"]]
+        path = directory / run["source"]
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        paths.append(path)
+    return paths
+
+
 def metrics(box: float, **overrides: float) -> dict[str, float]:
     values = {name: 0.5 for name in METRICS}
     values["bbox_mAP"] = box
@@ -67,10 +77,9 @@ def metrics(box: float, **overrides: float) -> dict[str, float]:
     return values
 
 
-@needs_reference
-def test_published_logs_reproduce_the_readme_rows():
+def test_published_logs_reproduce_the_readme_rows(tmp_path):
     readme_header, readme_rows = parse_markdown_table(README.read_text())
-    ours_header, our_rows = parse_markdown_table(markdown_table(read_result_files(PUBLISHED_LOGS)))
+    ours_header, our_rows = parse_markdown_table(markdown_table(read_result_files(published_logs(tmp_path))))
     assert tuple(readme_header) == HEADER == tuple(ours_header)
     assert our_rows.keys() == readme_rows.keys()
     for model, readme_row in readme_rows.items():
@@ -85,15 +94,13 @@ def test_published_logs_reproduce_the_readme_rows():
         assert our_rows[model]["Log"].startswith(f"[{model.split('-')[1]}](")
 
 
-@needs_reference
 def test_readme_is_not_the_last_epoch():
     """The rule matters: the last epoch of four of the six logs would give other numbers than the README."""
     differing = []
-    for path in PUBLISHED_LOGS:
-        lines = [json.loads(line) for line in path.read_text().splitlines()]
-        val_records = [line for line in lines if line.get("mode") == "val"]
+    for run in PUBLISHED_RUNS.values():
+        val_records = run["val"]
         if reported_epoch(val_records)["epoch"] != val_records[-1]["epoch"]:
-            differing.append(path.name)
+            differing.append(run["source"])
     assert len(differing) == 4, differing
 
 
