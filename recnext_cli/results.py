@@ -41,11 +41,6 @@ class ResultRecord:
         return display_name(self.model)
 
 
-def model_key(raw: str) -> str:
-    """'recnext_m3', 'RecNeXt-M3' and 'm3' all name the zoo model 'm3'."""
-    return re.sub(r"^recnext[_-]", "", raw.strip(), flags=re.IGNORECASE).lower()
-
-
 def display_name(model: str) -> str:
     """The README's spelling: 'm3' -> 'RecNeXt-M3'; names that are not RecNeXt variants stay as they are."""
     return f"RecNeXt-{model.upper()}" if re.fullmatch(r"[a-z]\d+", model) else model
@@ -123,7 +118,7 @@ def _test_result(document: Mapping[str, Any], path: Path) -> ResultRecord:
     if not isinstance(model, str) or not model.strip():
         raise IntegrityError(f"{path}: a recnext test result needs a \"model\" string such as \"m3\"")
     return ResultRecord(
-        model=model_key(model),
+        model=zoo.model_key(model),
         metrics=_checked_metrics(metrics, path),
         source=path,
         checkpoint=document.get("checkpoint"),
@@ -175,7 +170,7 @@ def _model_from_log(config: Any, path: Path) -> str:
         match = _BACKBONE_IN_CONFIG.search(config) if isinstance(config, str) else None
         backbone_type = match.group(1) if match else None
     if isinstance(backbone_type, str) and backbone_type.lower().startswith("recnext"):
-        return model_key(backbone_type)
+        return zoo.model_key(backbone_type)
     match = _MODEL_IN_FILE_NAME.search(path.name)
     if match:
         return match.group(1).lower()
@@ -203,7 +198,7 @@ def _row_facts(record: ResultRecord) -> tuple[float | None, str | None, str | No
     A `recnext test` row was measured here: it measured no latency, and links the upstream checkpoint only when
     that is the file it evaluated (the zoo's file name), else the file it did evaluate.
     """
-    entry = zoo.MODELS.get(record.model)
+    entry = zoo.MODELS.get(record.model)  # record.model is already a zoo key (zoo.model_key) where it names one
     coco = entry.coco if entry else None
     if record.epoch is None:
         checkpoint = record.checkpoint

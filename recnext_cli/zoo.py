@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import re
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
@@ -20,6 +21,8 @@ RELEASE_TAGS = MappingProxyType({"M": "v1.0", "A": "v2.0"})
 
 COCO = "coco"
 IMAGENET = "imagenet"
+# Upstream spells a model "RecNeXt-M3" in its README and "recnext_m3" as an mmdet backbone type.
+_NAME_PREFIX = re.compile(r"^recnext[-_]", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +161,31 @@ CHECKPOINTS = MappingProxyType({
 })
 
 
+def model_key(name: str) -> str:
+    """The zoo's key for a spelling of a model name: "m3", " M3 ", "RecNeXt-M3" and "recnext_m3" all give "m3".
+
+    Names outside the zoo are normalised the same way ("ResNet" gives "resnet"); only get_model checks them.
+    """
+    return _NAME_PREFIX.sub("", name.strip()).lower()
+
+
+def find_model(name: str) -> Model | None:
+    """The zoo record for `name` in any spelling model_key accepts, or None when the zoo has no such model."""
+    return MODELS.get(model_key(name))
+
+
 def get_model(name: str) -> Model:
-    """The zoo record for `name` ("m3", "M3", "RecNeXt-M3"); an unknown name raises with the closest valid one."""
-    key = name.strip().lower().removeprefix("recnext-").removeprefix("recnext_")
-    try:
-        return MODELS[key]
-    except KeyError:
-        close = difflib.get_close_matches(key, MODELS, n=1)
+    """The zoo record for `name` ("m3", "M3", "RecNeXt-M3"); an unknown name raises with the closest valid one.
+
+    Every part of recnext that takes a model name resolves it here, so all of them accept the same spellings and
+    refuse an unknown one in the same words.
+    """
+    model = find_model(name)
+    if model is None:
+        close = difflib.get_close_matches(model_key(name), MODELS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ";"
-        raise UnknownModelError(f"unknown model {name!r}{hint} valid: {', '.join(MODELS)}") from None
+        raise UnknownModelError(f"unknown model {name!r}{hint} valid: {', '.join(MODELS)}")
+    return model
 
 
 def get_checkpoint(name: str, pretrain: bool = False, *, offers_pretrain: bool = False) -> Checkpoint:

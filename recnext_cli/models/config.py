@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recnext_cli import zoo
 from recnext_cli.errors import UnknownModelError
-from recnext_cli.nn import COCO_VARIANTS, get_variant
-from recnext_cli.zoo import config_path
+
 DATA_SPLITS = ("train", "val", "test")
 
 
 def config_file(variant: str) -> Path:
-    """The mmdet config of a COCO variant ("m3" or "recnext_m3")."""
-    name = get_variant(variant).name
-    if name not in COCO_VARIANTS:
-        raise UnknownModelError(f"RecNeXt-{name.upper()} has no COCO config; choose one of {', '.join(COCO_VARIANTS)}.")
-    return config_path(name)
+    """The mmdet config of a COCO model, named in any spelling the zoo accepts ("m3", "recnext_m3")."""
+    model = zoo.get_model(variant)
+    if model.coco is None:
+        # For the mmdet-side API a classification-only size is not a model it knows (zoo.config_path calls it misuse).
+        raise UnknownModelError(
+            f"{model.title} has no COCO config; choose one of {', '.join(zoo.DETECTION_MODELS)}."
+        )
+    return zoo.config_path(model.name)
 
 
 def set_data_root(cfg, data_root: str | Path) -> None:

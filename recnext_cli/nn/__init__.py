@@ -2,7 +2,6 @@
 
 from recnext_cli.nn.recnext import (
     COCO_VARIANTS,
-    STRIDES,
     VARIANTS,
     ABlock,
     ConvNorm,
@@ -29,7 +28,6 @@ from recnext_cli.nn.sync_bn import distributed_world_size, maybe_sync_bn, should
 
 __all__ = [
     "COCO_VARIANTS",
-    "STRIDES",
     "VARIANTS",
     "ABlock",
     "ConvNorm",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 
 import torch
@@ -11,9 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from recnext_cli.errors import UnknownModelError
+from recnext_cli import zoo
 
-STRIDES = (4, 8, 16, 32)
 # Spatial reductions inside a RecConv before the last conv; stage 0 recurses deepest (spec: level = 4 - stage).
 M_LEVELS = (4, 3, 2, 1)
 TOKEN_KERNEL = 5
@@ -28,14 +26,18 @@ class Variant:
     widths: tuple[int, int, int, int]
     depths: tuple[int, int, int, int]
     mlp_ratio: float
-    has_coco_checkpoint: bool
+
+    @property
+    def has_coco_checkpoint(self) -> bool:
+        # The zoo owns which sizes were released with COCO weights; this table only knows their shapes.
+        return zoo.MODELS[self.name].coco is not None
 
     def hidden(self, channels: int) -> int:
         return int(channels * self.mlp_ratio)
 
 
-def _variant(name: str, widths, depths, mlp_ratio: float = 2.0, coco: bool = False) -> Variant:
-    return Variant(name, name[0].upper(), tuple(widths), tuple(depths), mlp_ratio, coco)
+def _variant(name: str, widths, depths, mlp_ratio: float = 2.0) -> Variant:
+    return Variant(name, name[0].upper(), tuple(widths), tuple(depths), mlp_ratio)
 
 
 # a0-a2 keep the M-series ratio of 2: only the three COCO-sized A models use 1.875 in the published code.
@@ -45,31 +47,23 @@ VARIANTS: dict[str, Variant] = {
         _variant("m0", (40, 80, 160, 320), (2, 2, 9, 1)),
         _variant("m1", (48, 96, 192, 384), (3, 3, 15, 2)),
         _variant("m2", (56, 112, 224, 448), (3, 3, 15, 2)),
-        _variant("m3", (64, 128, 256, 512), (3, 3, 13, 2), coco=True),
-        _variant("m4", (64, 128, 256, 512), (5, 5, 25, 4), coco=True),
-        _variant("m5", (80, 160, 320, 640), (7, 7, 35, 2), coco=True),
+        _variant("m3", (64, 128, 256, 512), (3, 3, 13, 2)),
+        _variant("m4", (64, 128, 256, 512), (5, 5, 25, 4)),
+        _variant("m5", (80, 160, 320, 640), (7, 7, 35, 2)),
         _variant("a0", (40, 80, 160, 320), (2, 2, 9, 1)),
         _variant("a1", (48, 96, 192, 384), (3, 3, 15, 2)),
         _variant("a2", (56, 112, 224, 448), (3, 3, 15, 2)),
-        _variant("a3", (64, 128, 256, 512), (3, 3, 13, 2), 1.875, coco=True),
-        _variant("a4", (64, 128, 256, 512), (5, 5, 25, 4), 1.875, coco=True),
-        _variant("a5", (80, 160, 320, 640), (7, 7, 35, 2), 1.875, coco=True),
+        _variant("a3", (64, 128, 256, 512), (3, 3, 13, 2), 1.875),
+        _variant("a4", (64, 128, 256, 512), (5, 5, 25, 4), 1.875),
+        _variant("a5", (80, 160, 320, 640), (7, 7, 35, 2), 1.875),
     )
 }
-COCO_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.has_coco_checkpoint)
+COCO_VARIANTS = zoo.DETECTION_MODELS
 
 
 def get_variant(name: str) -> Variant:
-    """The variant record for `name` ("m3" or "recnext_m3"); an unknown name raises with suggestions."""
-    key = name.lower().removeprefix("recnext_")
-    try:
-        return VARIANTS[key]
-    except KeyError:
-        close = difflib.get_close_matches(key, VARIANTS, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UnknownModelError(
-            f"Unknown RecNeXt variant {name!r}.{hint} Known variants: {', '.join(VARIANTS)}."
-        ) from None
+    """The shapes of model `name` in any spelling the zoo accepts ("m3", "recnext_m3"); the zoo refuses unknown ones."""
+    return VARIANTS[zoo.get_model(name).name]
 
 
 def _bn_scale_shift(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
