@@ -16,6 +16,7 @@ from httpserver import FileServer, checkpoint_bytes
 from test_errors_table import _pattern as readme_pattern
 from test_errors_table import readme_errors
 from recnext_cli import cache, fetch, zoo
+from recnext_cli.fetch import transport
 from recnext_cli.errors import IntegrityError, UsageError
 
 M3 = zoo.get_checkpoint("m3")
@@ -26,7 +27,7 @@ GOOD = checkpoint_bytes("m3", "coco", pad=300_000)
 def home(monkeypatch, tmp_path) -> Path:
     monkeypatch.setenv("RECNEXT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RECNEXT_OFFLINE", raising=False)
-    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 0.001)
+    monkeypatch.setattr(transport, "BACKOFF_SECONDS", 0.001)
     return tmp_path / "home"
 
 

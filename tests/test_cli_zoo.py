@@ -19,6 +19,7 @@ from httpserver import Fault, FileServer, checkpoint_bytes, tls_context
 from test_errors_table import _pattern as readme_pattern
 from test_errors_table import readme_errors
 from recnext_cli import cache, fetch, zoo
+from recnext_cli.fetch import transport
 from recnext_cli.cli import app
 from recnext_cli.errors import IntegrityError, UnknownModelError, UsageError
 
@@ -31,7 +32,7 @@ M3_PRETRAIN = zoo.get_checkpoint("m3", pretrain=True)
 def server(monkeypatch, tmp_path):
     monkeypatch.setenv("RECNEXT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RECNEXT_OFFLINE", raising=False)
-    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 0.001)
+    monkeypatch.setattr(transport, "BACKOFF_SECONDS", 0.001)
     files = {
         f"/v1.0/{M3.file_name}": checkpoint_bytes("m3", "coco", pad=100_000),
         f"/v1.0/{M3_PRETRAIN.file_name}": checkpoint_bytes("m3", "imagenet"),
@@ -317,7 +318,7 @@ def _redirect_to_http(server, tmp_path, monkeypatch):
 
 
 def _oversized(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", 1000)
+    monkeypatch.setattr(transport, "MAX_DOWNLOAD_BYTES", 1000)
 
 
 def _trickle(server, tmp_path, monkeypatch):

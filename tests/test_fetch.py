@@ -19,6 +19,7 @@ import torch
 
 from httpserver import Fault, FileServer, checkpoint_bytes, etag, last_modified, tls_context
 from recnext_cli import cache, fetch, zoo
+from recnext_cli.fetch import checks, transport
 from recnext_cli.errors import DownloadError, IntegrityError, UsageError
 
 M3 = zoo.get_checkpoint("m3")
@@ -52,11 +53,11 @@ def parked(checkpoint: zoo.Checkpoint = M3) -> Path:
 
 def stop_after(server, monkeypatch, cut: int) -> int:
     """Run a download that the server cuts at `cut` and that gives up on the next failure; returns the bytes it parked."""
-    monkeypatch.setattr(fetch, "RETRIES", 0)
+    monkeypatch.setattr(transport, "RETRIES", 0)
     server.faults = [Fault(cut_after=cut), Fault(status=503)]
     with pytest.raises(DownloadError, match="run the same command again to resume"):
         fetch.ensure_file(M3)
-    monkeypatch.setattr(fetch, "RETRIES", 5)
+    monkeypatch.setattr(transport, "RETRIES", 5)
     return parked().stat().st_size
 
 
@@ -70,8 +71,8 @@ def good() -> bytes:
 def server(monkeypatch, tmp_path, good):
     monkeypatch.setenv("RECNEXT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RECNEXT_OFFLINE", raising=False)
-    monkeypatch.setattr(fetch, "CHUNK_SIZE", CHUNK)
-    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", BACKOFF)
+    monkeypatch.setattr(transport, "CHUNK_SIZE", CHUNK)
+    monkeypatch.setattr(transport, "BACKOFF_SECONDS", BACKOFF)
     with FileServer({url_path(M3): good}) as files:
         monkeypatch.setenv("RECNEXT_BASE_URL", files.url)
         yield files
@@ -110,7 +111,7 @@ def test_connection_cut_three_times_resumes_where_it_stopped(server, good):
 
 
 def test_a_later_run_resumes_what_an_earlier_run_left(server, good, monkeypatch):
-    monkeypatch.setattr(fetch, "RETRIES", 0)
+    monkeypatch.setattr(transport, "RETRIES", 0)
     server.faults = [Fault(cut_after=400_000), Fault(status=503)]
     with pytest.raises(DownloadError, match="run the same command again to resume"):
         fetch.ensure_file(M3)
@@ -205,7 +206,7 @@ def test_a_writer_killed_outright_leaves_bytes_the_next_run_resumes(server, good
 
 def test_a_500_is_retried_after_a_backoff(server, good, monkeypatch):
     sleeps = []
-    monkeypatch.setattr(fetch.time, "sleep", sleeps.append)
+    monkeypatch.setattr(transport.time, "sleep", sleeps.append)
     server.faults = [Fault(status=500)]
     assert fetch.ensure_file(M3).read_bytes() == good
     assert [entry.status for entry in server.log] == [500, 200]
@@ -214,8 +215,8 @@ def test_a_500_is_retried_after_a_backoff(server, good, monkeypatch):
 
 def test_persistent_5xx_gives_up_with_exponential_backoff(server, monkeypatch):
     sleeps = []
-    monkeypatch.setattr(fetch.time, "sleep", sleeps.append)
-    monkeypatch.setattr(fetch, "RETRIES", 3)
+    monkeypatch.setattr(transport.time, "sleep", sleeps.append)
+    monkeypatch.setattr(transport, "RETRIES", 3)
     server.faults = [Fault(status=502)] * 4
     with pytest.raises(DownloadError, match="502"):
         fetch.ensure_file(M3)
@@ -304,7 +305,7 @@ def test_a_body_shorter_than_its_content_length_is_detected_and_resumed(server, 
 
 
 def test_bodies_that_always_stop_short_leave_no_complete_looking_file(server, monkeypatch):
-    monkeypatch.setattr(fetch, "RETRIES", 2)
+    monkeypatch.setattr(transport, "RETRIES", 2)
     server.faults = [Fault(truncate_after=0)] * 3
     with pytest.raises(DownloadError):
         fetch.ensure_file(M3)
@@ -321,13 +322,13 @@ def test_kept_bytes_of_no_known_version_are_dropped(server, good):
 
 
 def test_kept_bytes_that_are_already_the_whole_file_are_only_verified(server, good, monkeypatch):
-    real_check = fetch.check_structure
+    real_check = checks.check_structure
 
     def interrupted(path, checkpoint):
-        monkeypatch.setattr(fetch, "check_structure", real_check)
+        monkeypatch.setattr(checks, "check_structure", real_check)
         raise KeyboardInterrupt  # Ctrl-C while the complete file was being checked
 
-    monkeypatch.setattr(fetch, "check_structure", interrupted)
+    monkeypatch.setattr(checks, "check_structure", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fetch.ensure_file(M3)
     assert parked().read_bytes() == good
@@ -353,7 +354,7 @@ def test_an_imagenet_file_is_refused_where_a_coco_checkpoint_belongs(server):
 def test_pretrain_checkpoint_downloads_by_model_name(server):
     pretrain = checkpoint_bytes("m3", "imagenet")
     server.files[url_path(M3_PRETRAIN)] = pretrain
-    path = fetch.ensure_checkpoint("m3", pretrain=True)
+    path = fetch.ensure_file(zoo.get_checkpoint("m3", pretrain=True, offers_pretrain=True))
     assert path.name == "recnext_m3_distill_300e.pth"
     assert path.read_bytes() == pretrain
 
@@ -436,7 +437,7 @@ WORKER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from recnext_cli import cache, fetch
+    from recnext_cli import cache, fetch, zoo
 
     ready, count, locks = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     if locks == "no-op":
@@ -449,7 +450,7 @@ WORKER = textwrap.dedent(
     (ready / sys.argv[4]).touch()
     while len(list(ready.iterdir())) < count:
         time.sleep(0.01)
-    print(fetch.ensure_checkpoint("m3"))
+    print(fetch.ensure_file(zoo.get_checkpoint("m3", offers_pretrain=True)))
     """
 )
 
@@ -537,7 +538,7 @@ def test_a_redirect_from_https_to_http_is_refused(server, good, monkeypatch, tmp
 
 
 def test_a_body_announced_over_the_cap_is_refused_before_it_is_read(server, good, monkeypatch):
-    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", len(good) - 1)
+    monkeypatch.setattr(transport, "MAX_DOWNLOAD_BYTES", len(good) - 1)
     reports = []
     with pytest.raises(DownloadError, match=f"announces {len(good)} bytes, over the {len(good) - 1}-byte cap"):
         fetch.ensure_file(M3, reports.append)
@@ -545,7 +546,7 @@ def test_a_body_announced_over_the_cap_is_refused_before_it_is_read(server, good
 
 
 def test_a_body_without_length_is_cut_at_the_cap(server, good, monkeypatch):
-    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", 500_000)
+    monkeypatch.setattr(transport, "MAX_DOWNLOAD_BYTES", 500_000)
     server.faults = [Fault(chunked=True)]
     with pytest.raises(DownloadError, match="sent more than 500000 bytes"):
         fetch.ensure_file(M3)
@@ -561,7 +562,7 @@ def test_a_pinned_size_caps_the_body_before_it_is_read(server, good):
 
 def test_retries_count_kept_bytes_not_received_ones(server, good, monkeypatch):
     # Issue 12, point 3: Range ignored and every attempt cut at 500 kB used to retry for ever.
-    monkeypatch.setattr(fetch, "RETRIES", 3)
+    monkeypatch.setattr(transport, "RETRIES", 3)
     server.supports_range = False
     server.faults = [Fault(cut_after=500_000)] * 100
     with pytest.raises(DownloadError, match="gave up: 4 attempts in a row kept no new bytes"):

@@ -13,6 +13,7 @@ import pytest
 
 from httpserver import Fault, FileServer, checkpoint_bytes, etag, last_modified, tls_context
 from recnext_cli import cache, fetch, zoo
+from recnext_cli.fetch import transport
 from recnext_cli.errors import RecnextError
 
 M3 = zoo.get_checkpoint("m3")
@@ -47,7 +48,7 @@ class Scenario:
     supports_range: bool = True
     pinned: bool = False
     deadline: float = DEADLINE
-    max_bytes: int | None = None  # fetch.MAX_DOWNLOAD_BYTES for this scenario
+    max_bytes: int | None = None  # transport.MAX_DOWNLOAD_BYTES for this scenario
     other_server: bool = False  # a second loopback server (another port: another host) serves the files too
     tls: bool = False  # the first server speaks https (with a certificate the client is told to trust)
 
@@ -199,10 +200,10 @@ def cache_problems(versions: list[bytes]) -> list[str]:
 def test_a_faulty_transfer_leaves_no_corrupt_file_and_ends_in_time(scenario, tmp_path, monkeypatch, request):
     monkeypatch.setenv("RECNEXT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RECNEXT_OFFLINE", raising=False)
-    monkeypatch.setattr(fetch, "CHUNK_SIZE", CHUNK)
-    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 0.001)
+    monkeypatch.setattr(transport, "CHUNK_SIZE", CHUNK)
+    monkeypatch.setattr(transport, "BACKOFF_SECONDS", 0.001)
     if scenario.max_bytes is not None:
-        monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", scenario.max_bytes)
+        monkeypatch.setattr(transport, "MAX_DOWNLOAD_BYTES", scenario.max_bytes)
     checkpoint = dataclasses.replace(M3, sha256=hashlib.sha256(V1).hexdigest(), size=len(V1)) if scenario.pinned else M3
     tls = None
     if scenario.tls:
@@ -214,7 +215,7 @@ def test_a_faulty_transfer_leaves_no_corrupt_file_and_ends_in_time(scenario, tmp
         server.supports_range = other.supports_range = scenario.supports_range
         versions = [V1]
         for number, run in enumerate(scenario.runs):
-            monkeypatch.setattr(fetch, "RETRIES", run.retries)
+            monkeypatch.setattr(transport, "RETRIES", run.retries)
             if run.publish is not None:
                 server.files[PATH] = other.files[PATH] = run.publish
                 versions.append(run.publish)
