@@ -277,6 +277,8 @@ def build_runner(name: str, config: BenchConfig, *, with_flops: bool = True) -> 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     plan = choose_fast_path(device, dtype, fused=config.fused, compile=config.compile)
+    if config.part != "detector":
+        plan = dataclasses.replace(plan, detector_heads=False)  # a backbone has no heads to rewrite
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(config.batch, 3, *config.input_size, generator=generator)
     build = _detector_runner if config.part == "detector" else _backbone_runner
