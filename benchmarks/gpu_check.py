@@ -567,7 +567,9 @@ def step_train(check: Check) -> dict[str, Any]:
     work_dir = check.work / "train"
     # torchrun with one worker: a process group (NCCL on a GPU), DDP and mmdet's distributed training path.
     outcome = check.command("train", check.recnext(
-        "train", RUN_NAME, "--config", str(check.site / DEMO_CONFIG), "--device", check.device, "--gpus", "1",
+        # --verbose: the workers' own output (mmdet's log lines, any traceback) in this report's log.
+        "train", RUN_NAME, "--verbose", "--config", str(check.site / DEMO_CONFIG), "--device", check.device,
+        "--gpus", "1",
         "--launcher", "pytorch", "--data-root", str(data), "--work-dir", str(work_dir),
         "--cfg-options", f"runner.max_epochs={sizes.epochs}", "log_config.interval=1"), 300)
     expected = sizes.epochs * math.ceil(sizes.train_images / SAMPLES_PER_GPU)
@@ -599,7 +601,7 @@ def _test_run(check: Check, device: str, *flags: str) -> tuple[Outcome, dict[str
     label = "-".join(("test", device, *(flag.lstrip("-") for flag in flags)))
     result = check.work / f"{label}.json"
     outcome = check.command(label, check.recnext(
-        "test", RUN_NAME, "--config", str(check.site / DEMO_CONFIG), "--checkpoint",
+        "test", RUN_NAME, "--verbose", "--config", str(check.site / DEMO_CONFIG), "--checkpoint",
         str(check.work / "train" / "latest.pth"), "--device", device, "--gpus", "1", "--data-root",
         str(check.work / "data"), "--out", str(result), *flags), 240)
     metrics = json.loads(result.read_text())["metrics"] if outcome.ok and result.exists() else None

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO, Callable
 
 from recnext_cli import errors
 from recnext_cli.errors import DatasetLayoutError, EnvironmentProblem, RecnextError, UsageError
@@ -315,7 +316,8 @@ def job_error(run_dir: Path) -> RecnextError | None:
     return kind(str(report.get("message")))
 
 
-def run(plan: LaunchPlan, run_dir: Path | None = None, grace_s: float = STOP_GRACE_S) -> int:
+def run(plan: LaunchPlan, run_dir: Path | None = None, grace_s: float = STOP_GRACE_S, *,
+        output: IO | None = None, on_poll: Callable[[], None] | None = None) -> int:
     """Run the plan in its own process group and return its exit status (128 + N when signal N stopped it).
 
     Ctrl-C, SIGTERM or SIGHUP asks the launcher to stop its workers (torchrun and srun both pass SIGTERM on); a
@@ -325,12 +327,15 @@ def run(plan: LaunchPlan, run_dir: Path | None = None, grace_s: float = STOP_GRA
 
     With `run_dir`, the workers report RecnextErrors there: the first report ends the whole job at once, before
     torchrun prints a failure summary, and is raised here, so a job fails with one line whatever its size.
+    `output` (a file) takes the job's stdout and stderr instead of this terminal; `on_poll` runs at every poll.
     """
     env = {**os.environ, **plan.env}
     if run_dir is not None:
         env[RUN_DIR_ENV] = str(run_dir)
     try:
-        proc = subprocess.Popen(plan.argv, env=env, start_new_session=True, preexec_fn=_die_with_launcher())
+        redirect = {"stdout": output, "stderr": subprocess.STDOUT} if output is not None else {}
+        proc = subprocess.Popen(plan.argv, env=env, start_new_session=True, preexec_fn=_die_with_launcher(),
+                                **redirect)
     except FileNotFoundError:
         hint = "; --launcher slurm needs a machine where Slurm's srun works" if plan.argv[0] == "srun" else ""
         raise EnvironmentProblem(f"cannot start the job: {plan.argv[0]} is not on PATH{hint}") from None
@@ -364,6 +369,8 @@ def run(plan: LaunchPlan, run_dir: Path | None = None, grace_s: float = STOP_GRA
                 stopping.update(descendants(proc.pid))
                 if time.monotonic() - first_request > grace_s:
                     force_stop()
+            if on_poll is not None:
+                on_poll()
             time.sleep(0.1)
     finally:
         for sig, handler in previous.items():

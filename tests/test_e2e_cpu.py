@@ -56,18 +56,40 @@ def coco(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_dir(coco, tmp_path_factory) -> Path:
-    """A work dir after a short training with two gloo workers."""
+def training(coco, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(work dir, the finished `recnext train`) of a short training with two gloo workers."""
     work_dir = tmp_path_factory.mktemp("train") / "tiny"
     result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", "2",
                      "--data-root", str(coco), "--work-dir", str(work_dir),
                      "--cfg-options", f"runner.max_epochs={EPOCHS}")
     assert result.returncode == 0, result.stderr[-4000:]
-    return work_dir
+    return work_dir, result
+
+
+@pytest.fixture(scope="module")
+def trained_dir(training) -> Path:
+    return training[0]
 
 
 def test_training_with_two_workers_leaves_complete_checkpoints_and_a_json_log(trained_dir):
     assert os.readlink(trained_dir / "latest.pth") == f"epoch_{EPOCHS}.pth"
+
+
+def test_training_shows_progress_and_keeps_the_workers_output_in_the_work_dir(training):
+    work_dir, result = training
+    console = result.stdout + result.stderr
+    # Not a terminal here: a plain line per logging interval and per finished epoch, from rank 0 only.
+    ends = [line for line in result.stderr.splitlines() if line.startswith("training epoch") and "24/24" in line]
+    assert [line.split(":")[0] for line in ends] == [f"training epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
+    assert all("loss " in line and "lr " in line and "img/s" in line for line in ends)
+    assert "batch: 2 worker(s) x 2 image(s) x 1 accumulation step(s) = 4 images per optimizer step" in console
+    # None of the workers' own lines (mmdet's logger, torch's and mmcv's warnings) reach the console ...
+    assert " - mmdet - INFO - " not in console and "MMCV will release" not in console
+    assert "No CUDA runtime" not in console
+    # ... they are in the file the command names.
+    (log,) = work_dir.glob("train-workers-*.log")
+    assert f"worker output (mmdet's log lines, warnings): {log}" in " ".join(result.stderr.split())
+    assert " - mmdet - INFO - Epoch [2][20/24]" in log.read_text()
     assert sorted(p.name for p in trained_dir.glob("epoch_*.pth")) == [f"epoch_{n}.pth" for n in range(1, EPOCHS + 1)]
     assert not list(trained_dir.glob(".saving-*"))
     (log,) = trained_dir.glob("*.log.json")
@@ -159,10 +181,11 @@ def test_format_only_writes_coco_results_and_show_dir_draws_each_image(trained_d
 
 def test_eval_options_reach_the_evaluation(trained_dir, coco, tmp_path):
     result = recnext("test", "tiny", "--config", str(TINY), "--checkpoint", str(trained_dir / "latest.pth"),
-                     "--device", "cpu", "--gpus", "1", "--data-root", str(coco), "--eval", "bbox",
+                     "--device", "cpu", "--gpus", "1", "--data-root", str(coco), "--eval", "bbox", "--verbose",
                      "--eval-options", "classwise=True", "--out", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr[-4000:]
-    # classwise=True makes mmdet print a per-category AP table, which names the classes.
+    # classwise=True makes mmdet print a per-category AP table, which names the classes; --verbose shows the
+    # workers' own output live.
     assert all(name in result.stdout + result.stderr for name in ("rectangle", "ellipse", "triangle"))
 
 
@@ -204,7 +227,10 @@ def test_one_failing_worker_ends_the_job_with_no_worker_left(coco, tmp_path):
                      "--device", "cpu", "--gpus", "2", "--data-root", str(coco), "--work-dir", str(tmp_path / "w"),
                      marker=marker, timeout=300)
     assert result.returncode != 0
-    assert "injected failure on rank 1" in result.stderr
+    # The cause, picked out of the workers' output, and where the rest of it is.
+    (log,) = (tmp_path / "w").glob("train-workers-*.log")
+    assert "RuntimeError: injected failure on rank 1" in result.stderr and str(log) in result.stderr
+    assert result.stderr.count("Traceback") == 0
     assert processes_tagged(marker) == []
 
 

@@ -192,7 +192,7 @@ def test_fused_and_faster_evaluated_runs_give_the_plain_runs_metrics(trained, tm
     runs = {}
     for name, flags in (("plain", []), ("fused", ["--fuse-conv-bn"]), ("faster", ["--evaluator", "faster"])):
         out = tmp_path / f"{name}.json"
-        result = recnext("test", "tiny", "--config", str(TINY), "--checkpoint", str(checkpoint),
+        result = recnext("test", "tiny", "--verbose", "--config", str(TINY), "--checkpoint", str(checkpoint),
                          "--data-root", str(root), "--out", str(out), *flags)
         assert result.returncode == 0, result.stderr[-4000:]
         runs[name] = (json.loads(out.read_text())["metrics"], result.stdout)
@@ -200,5 +200,5 @@ def test_fused_and_faster_evaluated_runs_give_the_plain_runs_metrics(trained, tm
     assert plain["bbox_mAP"] > 0.05 and plain["segm_mAP"] > 0.05, plain
     assert runs["fused"][0] == pytest.approx(plain, abs=1e-3)
     assert runs["faster"][0] == pytest.approx(plain, abs=1e-3)
-    # faster-coco-eval announces itself in the log the workers print; pycocotools does not.
+    # faster-coco-eval announces itself in the log the workers print (shown with --verbose); pycocotools does not.
     assert "COCOeval_opt" in runs["faster"][1] and "COCOeval_opt" not in plain_log

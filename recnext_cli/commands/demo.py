@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from recnext_cli.commands.test import Verbose
+
 DEMO_NAME = "m0-shapes"
 
 
@@ -17,6 +19,7 @@ def demo(
     workers: Annotated[int, typer.Option("--workers", min=1, help="CPU worker processes (gloo) for train and test.")]
     = 2,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs of 48 images per worker.")] = 4,
+    verbose: Verbose = False,
 ) -> None:
     """Train, test and draw on CPU in a few minutes: synthetic COCO set, README-format table, a picture.
 
@@ -45,10 +48,10 @@ def demo(
     work_dir = out / "train"
     console.rule(f"2/4 training {DEMO_NAME} with {workers} CPU workers")
     train.train(DEMO_NAME, gpus=workers, data_root=data_root, work_dir=work_dir, device="cpu", config=demo_config,
-                cfg_options=[f"runner.max_epochs={epochs}"])
+                cfg_options=[f"runner.max_epochs={epochs}"], verbose=verbose)
     console.rule(f"3/4 testing with {workers} CPU workers")
     test.test(DEMO_NAME, gpus=workers, data_root=data_root, checkpoint=work_dir / "latest.pth", device="cpu",
-              config=demo_config, out=out / "test_result.json")
+              config=demo_config, out=out / "test_result.json", verbose=verbose)
     console.rule("4/4 drawing detections")
     image = sorted((data_root / "val2017").glob("*.png"))[0]
     infer.infer(DEMO_NAME, [image], checkpoint=work_dir / "latest.pth", config=demo_config, out=out / "drawings",

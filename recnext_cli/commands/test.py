@@ -138,8 +138,11 @@ def on_this_machine(topology, dry_run: bool):
 
 
 def run_or_show(runner: str, runner_args: list[str], topology, notes: list[str], dry_run: bool,
-                run_dir: Path | None = None) -> None:
-    """Print the plan for --dry-run; otherwise run it (workers report to `run_dir`) and exit with its failed status."""
+                run_dir: Path | None = None, *, verbose: bool = True, log_path: Path | None = None) -> None:
+    """Print the plan for --dry-run; otherwise run it (workers report to `run_dir`) and exit with its failed status.
+
+    Unless `verbose`, the workers' own output goes to `log_path` and rank 0's progress events are shown instead.
+    """
     from rich.console import Console
     from rich.markup import escape
 
@@ -157,11 +160,76 @@ def run_or_show(runner: str, runner_args: list[str], topology, notes: list[str],
         f"starting {topology.world_size} {topology.device} worker(s) with launcher {topology.launcher}", soft_wrap=True
     )
     started = time.monotonic()
-    status = launch.run(plan, run_dir)
+    quiet = not verbose and run_dir is not None and log_path is not None
+    if quiet:
+        status = run_quietly(plan, run_dir, log_path, console)
+    else:
+        status = launch.run(plan, run_dir)
     if status != 0:
         console.print(f"[bold red]{runner} job failed[/] (exit {status}) after {time.monotonic() - started:.0f}s")
+        if quiet:
+            show_log_tail(log_path, console)
         raise typer.Exit(status)
     console.print(f"{runner} job finished in {time.monotonic() - started:.0f}s")
+
+
+def run_quietly(plan, run_dir: Path, log_path: Path, console) -> int:
+    """Run `plan` with the workers' output in `log_path` and their progress on the console; the exit status."""
+    import sys
+
+    from recnext_cli import launch
+    from recnext_cli.progress import ProgressView
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"worker output (mmdet's log lines, warnings): {log_path}", soft_wrap=True)
+    view = ProgressView(run_dir, stream=sys.stderr)
+    with log_path.open("a", encoding="utf-8") as log:
+        try:
+            return launch.run(plan, run_dir, output=log, on_poll=view.poll)
+        finally:
+            view.close()
+
+
+def show_log_tail(log_path: Path, console, lines: int = 15) -> None:
+    """Why the workers failed, from their output: the first traceback's exception line, else the last lines."""
+    from rich.markup import escape
+
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return
+    cause = first_exception(text)
+    shown = [cause] if cause else text[-lines:]
+    if shown:
+        console.print(f"{'cause' if cause else f'last {len(shown)} lines'} (whole output: {log_path}):",
+                      soft_wrap=True)
+        for line in shown:
+            console.print(f"  {escape(line)}", soft_wrap=True)
+
+
+RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]: ?")  # how torch may tag a worker's lines
+
+
+def first_exception(lines: list[str]) -> str | None:
+    """The exception line ("RuntimeError: …") that ends the first Python traceback in `lines`: the first failure."""
+    lines = [RANK_PREFIX.sub("", line) for line in lines]
+    for start, line in enumerate(lines):
+        if line.strip().startswith("Traceback (most recent call last):"):
+            for candidate in lines[start + 1:]:
+                body = candidate.strip()
+                if body and not candidate[:1].isspace() and not body.startswith(("File ", "^", "~")):
+                    return body
+    return None
+
+
+def worker_log(directory: Path, runner: str) -> Path:
+    """Where a quiet run keeps its workers' output: DIRECTORY/RUNNER-workers-YYYYmmdd-HHMMSS.log."""
+    return directory / f"{runner}-workers-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+Verbose = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Show the workers' own output (mmdet's log lines) live instead of progress bars.",
+)]
 
 
 def checked_dataset(data_root: Path, runner: str, dry_run: bool, notes: list[str]) -> Path:
@@ -291,6 +359,7 @@ def test(
         "--evaluator", help="COCO metric implementation: pycocotools (mmdet's own) or faster (faster-coco-eval's "
         "C++ COCOeval: the same metrics, evaluation nearly twice as fast; see benchmarks/coco_eval.py).",
     )] = "pycocotools",
+    verbose: Verbose = False,
 ) -> None:
     """Evaluate NAME on COCO val2017 with --gpus workers (torchrun, Slurm or one process) and print its README row.
 
@@ -353,7 +422,10 @@ def test(
     from recnext_cli.launch import RUN_RESULT
 
     with tempfile.TemporaryDirectory(prefix="recnext-test-") as run_dir:
-        run_or_show("test", runner_args, topology, notes, dry_run, Path(run_dir))
+        from recnext_cli.stack import log_dir
+
+        run_or_show("test", runner_args, topology, notes, dry_run, Path(run_dir), verbose=verbose,
+                    log_path=worker_log(log_dir(), "test"))
         if dry_run:
             return
         if prefix:

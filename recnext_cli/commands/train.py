@@ -23,6 +23,7 @@ from recnext_cli.commands.test import (
     NodeRank,
     Partition,
     SrunArgs,
+    Verbose,
     checked_dataset,
     checked_name,
     existing_file,
@@ -30,6 +31,7 @@ from recnext_cli.commands.test import (
     launch_options,
     on_this_machine,
     run_or_show,
+    worker_log,
 )
 
 
@@ -100,6 +102,7 @@ def train(
     cfg_options: CfgOptions = None,
     dry_run: DryRun = False,
     config: Config = None,
+    verbose: Verbose = False,
 ) -> None:
     """Train NAME's Mask R-CNN on COCO train2017 with --gpus workers (torchrun, Slurm or one process).
 
@@ -156,6 +159,7 @@ def train(
             "--batch-policy and --cfg-options) prints that config now"
         )
     with tempfile.TemporaryDirectory(prefix="recnext-train-") as run_dir:
-        run_or_show("train", runner_args, topology, notes, dry_run, Path(run_dir))
+        run_or_show("train", runner_args, topology, notes, dry_run, Path(run_dir), verbose=verbose,
+                    log_path=worker_log(work_dir, "train"))
     if not dry_run:
         typer.echo(f"checkpoints and logs (mmdet's *.log.json included) in {work_dir}", err=True)

@@ -12,8 +12,10 @@ from pathlib import Path
 from recnext_cli.compat.evaluator import EVALUATORS
 from recnext_cli.errors import IntegrityError
 from recnext_cli.launch import RUN_DIR_ENV, RUN_RESULT
+from recnext_cli.progress import ProgressWriter
 from recnext_cli.results import evaluation_document
 from recnext_cli.runners import add_common_arguments, build_detector, load_config, prepare_worker, run_worker
+from recnext_cli.runners.progress_hook import route_progress_bars
 
 # Keys of a config's `evaluation` dict that configure mmdet's EvalHook, not dataset.evaluate().
 EVAL_HOOK_KEYS = ("interval", "tmpdir", "start", "gpu_collect", "save_best", "rule", "dynamic_intervals", "by_epoch")
@@ -75,7 +77,7 @@ def predict_part(model, data_loader, rank: int, world_size: int) -> list:
 
     model.eval()
     part = []
-    progress = mmcv.ProgressBar(len(data_loader.dataset)) if rank == 0 else None
+    progress = mmcv.ProgressBar(len(data_loader.dataset)) if rank == 0 else None  # events when a launcher reads them
     for data in data_loader:
         with torch.no_grad():
             result = model(return_loss=False, rescale=True, **data)
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.model.train_cfg = None
     rank, _ = compat.init_distributed(args.device)
     distributed = dist.is_initialized()
+    route_progress_bars(ProgressWriter(rank), "test")
 
     cfg.data.test.test_mode = True
     loader_args = {

@@ -97,6 +97,21 @@ def training_config(args: argparse.Namespace, world_size: int):
     return cfg, plan
 
 
+def report_progress(cfg, rank: int, plan) -> None:
+    """Rank 0 tells the launching `recnext` how the run goes (progress events in its run folder), not the config."""
+    from recnext_cli.progress import ProgressWriter
+    from recnext_cli.runners.progress_hook import progress_hook_config, route_progress_bars
+
+    writer = ProgressWriter(rank)
+    if not writer.active:
+        return
+    writer.emit("note", text=plan.summary())
+    route_progress_bars(writer, "val")
+    log_interval = cfg.get("log_config", {}).get("interval", 50)
+    images_per_iter = plan.workers * plan.images_per_worker
+    cfg.custom_hooks = [*cfg.get("custom_hooks", []), progress_hook_config(rank, images_per_iter, log_interval)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_worker(args.launcher)
@@ -123,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.summary(), flush=True)
     # Set after the dump, as mmdet's tools/train.py does: the dumped config is the recipe, not this machine's.
     cfg.device = args.device
+    report_progress(cfg, rank, plan)
     seed = args.seed + rank if args.diff_seed else args.seed
     cfg.seed = seed
     if distributed:
