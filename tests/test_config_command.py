@@ -13,7 +13,7 @@ pytest.importorskip("mmdet", reason="mmdet is not installed; run `recnext setup`
 from recnext_cli.cli import app  # noqa: E402
 
 # Copied from the first line of the published recnext_m3_coco.log.json, so this runs from a plain clone.
-PUBLISHED_M3 = Path(__file__).parent / "data" / "published_m3_config.py"
+PUBLISHED_M3 = Path(__file__).parent / "data" / "published" / "recnext_m3_coco.py"
 # Where files are on the machine that trains: the dataset, the ImageNet pretrain, the work dir.
 PATHS = {"data_root", "work_dir", "data.train.ann_file", "data.train.img_prefix", "data.val.ann_file",
          "data.val.img_prefix", "data.test.ann_file", "data.test.img_prefix", "model.backbone.init_cfg.checkpoint"}
