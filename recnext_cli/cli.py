@@ -50,6 +50,9 @@ app.command("demo")(demo.demo)
 
 
 def main() -> None:
+    from recnext_cli import noise
+
+    noise.silence()  # before any command imports torch or mmcv
     try:
         app()
     except RecnextError as exc:

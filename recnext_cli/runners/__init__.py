@@ -123,9 +123,10 @@ def quiet_worker_output() -> None:
     parameter when a model initialises its weights (thousands of lines for Mask R-CNN); neither helps a user here.
     """
     import logging
-    import warnings
 
-    warnings.filterwarnings("ignore", message="On January 1, 2023, MMCV will release v2.0.0")
+    from recnext_cli import noise
+
+    noise.silence()
     from mmcv.utils import get_logger
 
     # get_logger sets the level only the first time a name is asked for; later calls keep ours.
