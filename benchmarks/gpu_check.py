@@ -398,7 +398,7 @@ def step_doctor(check: Check) -> dict[str, Any]:
     if outcome.returncode is None:
         return stopped("doctor", started, outcome)
     try:
-        answer = json.loads(outcome.stdout)
+        answer = json.loads(outcome.stdout)  # a recnext.doctor document: usable, checks
     except json.JSONDecodeError:
         return failed("doctor", started, f"`recnext doctor --json` printed no JSON (exit {outcome.returncode})",
                       outcome)
@@ -679,7 +679,7 @@ def step_bench(check: Check) -> dict[str, Any]:
             problems.append(f"{label}: exit {outcome.returncode}: {outcome.tail(3)}")
             continue
         if kind == "latency":
-            for result in json.loads(outcome.stdout):
+            for result in json.loads(outcome.stdout)["rows"]:  # a recnext.bench document
                 rows.append({"model": result["model"], "part": parts[0], "variant": names[0],
                              "median_ms": result["median_ms"], "p10_ms": result["p10_ms"], "p90_ms": result["p90_ms"],
                              "fast_path": result.get("fast_path"), "gflops": result.get("gflops")})

@@ -17,6 +17,9 @@ SCHEMAS = MappingProxyType({
     "test-result": 1,
     "infer": 1,
     "cache": 1,
+    "verify": 1,
+    "doctor": 1,
+    "bench": 1,
 })
 # The one unit convention of every schema: COCO AP as a fraction in [0, 1] under mmdet's own metric names, as
 # mmdet's evaluate() returns them (bbox_mAP, bbox_mAP_50, ..., segm_mAP_75); durations in milliseconds under `*_ms`.

@@ -213,7 +213,7 @@ def test_download_and_verify_need_no_torch(server):
     assert cache.checkpoint_path(M3.file_name).read_bytes() == GOOD
     verified = run_cli("verify", "m3", "--json", torch="no-torch")
     assert verified.returncode == 0, verified.stderr
-    assert json.loads(verified.stdout)[0]["status"] == "verified"
+    assert json.loads(verified.stdout)["files"][0]["status"] == "verified"
 
 
 def test_a_wrong_checkpoint_is_refused_without_torch_too(server):

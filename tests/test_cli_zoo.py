@@ -123,7 +123,7 @@ def test_verify_checks_named_and_all_cached_files(server):
     assert invoke("download", "m3", "--pretrain").exit_code == 0
     everything = invoke("verify", "--json")
     assert everything.exit_code == 0, everything.output
-    assert {(row["file_name"], row["status"]) for row in json.loads(everything.output)} == {
+    assert {(row["file_name"], row["status"]) for row in json.loads(everything.output)["files"]} == {
         (M3.file_name, "verified"), (M3_PRETRAIN.file_name, "verified"),
     }
     path = cache.checkpoint_path(M3.file_name)
@@ -132,8 +132,25 @@ def test_verify_checks_named_and_all_cached_files(server):
     path.write_bytes(bytes(damaged))
     failed = invoke("verify", "m3", "--json")
     assert failed.exit_code == 1
-    [row] = json.loads(failed.output)
+    [row] = json.loads(failed.output)["files"]
     assert row["status"] == "failed" and "recnext download m3 --force" in row["detail"]
+
+
+def test_verify_json_is_a_versioned_document(server):
+    assert invoke("download", "m3").exit_code == 0
+    result = invoke("verify", "m3", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert (document["schema"], document["schema_version"]) == ("recnext.verify", 1)
+    assert list(document) == ["schema", "schema_version", "files"]
+    [row] = document["files"]
+    assert list(row) == ["model", "kind", "file_name", "path", "status", "trust", "detail"]
+    assert (row["model"], row["kind"], row["file_name"]) == ("m3", M3.kind, M3.file_name)
+    assert row["path"] == str(cache.checkpoint_path(M3.file_name)) and row["status"] == "verified"
+    # Nothing cached is still a document, with no files.
+    cache.checkpoint_path(M3.file_name).unlink()
+    empty = json.loads(invoke("verify", "--json").output)
+    assert (empty["schema"], empty["files"]) == ("recnext.verify", [])
 
 
 def test_verify_with_nothing_cached_succeeds(server):
@@ -175,7 +192,7 @@ def test_list_and_verify_say_first_seen_until_a_file_is_pinned(server, monkeypat
     assert "no file is pinned: each is trusted on first use" in listed.output
     m3_row = next(line for line in listed.output.splitlines() if "RecNeXt-M3" in line).split()
     assert m3_row[-2:] == ["✓*", "–"]
-    [row] = json.loads(invoke("verify", "m3", "--json").output)
+    [row] = json.loads(invoke("verify", "m3", "--json").output)["files"]
     assert (row["status"], row["trust"]) == ("verified", "first seen")
     assert row["detail"].startswith("first seen ") and row["detail"].endswith(f"from {server.url}/v1.0/{M3.file_name}")
 
@@ -184,7 +201,7 @@ def test_list_and_verify_say_first_seen_until_a_file_is_pinned(server, monkeypat
     listed = invoke("list")
     assert "1 of 18 files pinned" in listed.output
     assert next(line for line in listed.output.splitlines() if "RecNeXt-M3" in line).split()[-2:] == ["✓", "–"]
-    [row] = json.loads(invoke("verify", "m3", "--json").output)
+    [row] = json.loads(invoke("verify", "m3", "--json").output)["files"]
     assert (row["status"], row["trust"]) == ("verified", "pinned")
 
 

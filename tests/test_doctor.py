@@ -62,6 +62,23 @@ def test_a_fix_that_claims_to_be_applied_but_does_not_work_is_reported_broken(mo
     assert row.status == diagnose.BROKEN and row.value.startswith("still fails: AttributeError")
 
 
+def test_doctor_json_is_a_versioned_document(monkeypatch):
+    from typer.testing import CliRunner
+
+    from recnext_cli.cli import app
+
+    found = [diagnose.Check("torch", "2.1.0", diagnose.OK), diagnose.Check("mmdet", "missing", diagnose.BROKEN, "pip …")]
+    monkeypatch.setattr(diagnose, "diagnose", lambda: found)
+    result = CliRunner().invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 1, result.output
+    document = json.loads(result.stdout)
+    assert (document["schema"], document["schema_version"]) == ("recnext.doctor", 1)
+    assert list(document) == ["schema", "schema_version", "usable", "checks"]
+    assert document["usable"] is False
+    assert document["checks"] == [{"name": "torch", "value": "2.1.0", "status": "ok", "remedy": ""},
+                                  {"name": "mmdet", "value": "missing", "status": "broken", "remedy": "pip …"}]
+
+
 def test_doctor_names_the_ops_provider_and_exercises_every_fix():
     env = dict(os.environ, RECNEXT_MMCV_OPS="torchvision")
     run = subprocess.run([sys.executable, "-m", "recnext_cli", "doctor", "--json"], capture_output=True, text=True,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
-import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from recnext_cli.bench import BenchResult
 
 app = typer.Typer(
     name="bench",
@@ -120,12 +122,27 @@ def latency(
         with console.status(f"timing {name} ({config.part}, {config.device})"):
             results.append(bench_latency(name, config))
     if as_json:
-        typer.echo(json.dumps([result.as_dict() for result in results], indent=2))
+        from recnext_cli.outputs import document, dumps
+
+        typer.echo(dumps(document("bench", rows=[_json_row(result) for result in results])))
     else:
         # Plain Markdown, not a Rich table, so it pastes into a README next to the published one.
         typer.echo(markdown_table(results), nl=False)
     if plot is not None:
         console.print(f"wrote {plot_ap_vs_latency(results, plot)}")
+
+
+def _json_row(result: BenchResult) -> dict[str, Any]:
+    """A result as a recnext.bench row: the README's box AP as a fraction under mmdet's name, like every schema."""
+    from recnext_cli.results import percent_to_fraction
+
+    row = {}
+    for key, value in result.as_dict().items():
+        if key == "reported_box_ap":  # the zoo keeps the README's percent; the JSON contract wants a fraction
+            row["reported_bbox_mAP"] = None if value is None else percent_to_fraction(value)
+        else:
+            row[key] = value
+    return row
 
 
 def _default_device() -> str:

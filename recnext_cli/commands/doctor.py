@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import typer
 
@@ -19,11 +18,12 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print the checks 
     from rich.table import Table
 
     from recnext_cli.diagnose import diagnose, usable
+    from recnext_cli.outputs import document, dumps
 
     checks = diagnose()
     healthy = usable(checks)
     if as_json:
-        typer.echo(json.dumps({"usable": healthy, "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
+        typer.echo(dumps(document("doctor", usable=healthy, checks=[dataclasses.asdict(c) for c in checks])))
     else:
         table = Table(title="recnext doctor")
         for column in ("check", "found", "status", "remedy"):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 
@@ -22,6 +20,7 @@ def verify(
     from rich.table import Table
 
     from recnext_cli import cache, fetch, zoo
+    from recnext_cli.outputs import document, dumps
 
     if names:
         checkpoints = [zoo.get_checkpoint(name, pretrain, offers_pretrain=True) for name in names]
@@ -36,7 +35,7 @@ def verify(
     failed = [state for state in states if state.status != fetch.VERIFIED]
 
     if as_json:
-        typer.echo(json.dumps([
+        typer.echo(dumps(document("verify", files=[
             {
                 "model": state.checkpoint.model,
                 "kind": state.checkpoint.kind,
@@ -47,7 +46,7 @@ def verify(
                 "detail": state.detail,
             }
             for state in states
-        ], indent=2))
+        ])))
     elif not states:
         console.print(f"nothing cached in {escape(str(cache.checkpoints_dir()))}")
     else:
