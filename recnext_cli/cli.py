@@ -9,6 +9,7 @@ import typer
 from recnext_cli.commands import (
     bench, cache, config, demo, doctor, download, export, infer, list_, pin, results, setup, test, train, verify,
 )
+from recnext_cli.commands._options import VariadicCommand
 from recnext_cli.commands.version import print_version
 from recnext_cli.errors import RecnextError
 
@@ -39,9 +40,9 @@ app.command("verify")(verify.verify)
 app.command("pin")(pin.pin)
 app.command("doctor")(doctor.doctor)
 app.command("results")(results.results)
-app.command("test", cls=test.VariadicCommand)(test.test)
-app.command("train", cls=test.VariadicCommand)(train.train)
-app.command("config", cls=test.VariadicCommand)(config.config)
+app.command("test", cls=VariadicCommand)(test.test)
+app.command("train", cls=VariadicCommand)(train.train)
+app.command("config", cls=VariadicCommand)(config.config)
 app.command("infer")(infer.infer)
 app.command("export")(export.export)
 app.add_typer(bench.app, name="bench")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from recnext_cli import launch
 from recnext_cli.cli import app
-from recnext_cli.commands.test import expand_variadic
+from recnext_cli.commands._options import expand_variadic
 from recnext_cli.errors import DatasetLayoutError, EnvironmentProblem, UnknownModelError, UsageError
 from recnext_cli.launch import Topology, build_plan, check_topology
 from recnext_cli.runners import first_host, torchrun_env_from_slurm

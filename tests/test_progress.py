@@ -9,7 +9,7 @@ import time
 import pytest
 
 from recnext_cli import progress
-from recnext_cli.commands.test import first_exception
+from recnext_cli.jobs import first_exception
 from recnext_cli.progress import PROGRESS_FILE, ProgressView, ProgressWriter, format_eta, read_events
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from recnext_cli.commands.test import Verbose
+from recnext_cli.commands._options import Verbose
 
 DEMO_NAME = "m0-shapes"
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from recnext_cli.commands.test import DetectorCheckpoint
+from recnext_cli.commands._options import DetectorCheckpoint
 
 # What a folder given as IMAGE contributes: the files directly in it with these suffixes (any case).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -48,7 +48,7 @@ def infer(
     from rich.markup import escape
 
     from recnext_cli import infer as library
-    from recnext_cli.commands.test import local_checkpoint, model_files
+    from recnext_cli.jobs import local_checkpoint, model_files
     from recnext_cli.errors import RecnextError, UsageError
 
     config_path, checkpoint = model_files(name, config, checkpoint, dry_run=False, notes=[])

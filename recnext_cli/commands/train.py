@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from recnext_cli.commands.test import (
+from recnext_cli.commands._options import (
     CfgOptions,
     Config,
     DataRoot,
@@ -24,6 +24,8 @@ from recnext_cli.commands.test import (
     Partition,
     SrunArgs,
     Verbose,
+)
+from recnext_cli.jobs import (
     checked_dataset,
     checked_name,
     existing_file,
