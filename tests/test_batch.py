@@ -51,7 +51,7 @@ def _train_one_step(work_dir: Path, workers: int, root: Path, *overrides: str) -
     """(weights after the run, its batch.json) of `recnext train` of the demo model with ONE_STEP's settings."""
     import torch
 
-    from tests.test_e2e_cpu import TINY, recnext
+    from tests.conftest import TINY, recnext
 
     result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", str(workers),
                      "--data-root", str(root), "--work-dir", str(work_dir), "--no-validate",

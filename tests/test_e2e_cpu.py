@@ -13,26 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from recnext_cli.synthetic import make_synthetic_coco
-from recnext_cli.zoo import CONFIG_ROOT
+from tests.conftest import CONFIGS, TINY, recnext
+from tests.conftest import TINY_EPOCHS as EPOCHS
 
 pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
 pytestmark = pytest.mark.slow
-
-CONFIGS = Path(__file__).parent / "configs"
-TINY = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
-# 96 training images make 24 iterations per epoch with two workers of two images each: long epochs, because mmcv's
-# runner sleeps 2 s at every epoch start; two of them are enough for the box AP to leave zero behind.
-EPOCHS = 2
-
-
-def recnext(*args: str, marker: str = "", timeout: float = 600, extra_path: str | None = None,
-            extra_env: dict | None = None, **popen) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess; `marker` tags the environment of every process the job starts."""
-    path = os.pathsep.join(filter(None, (extra_path, str(CONFIGS))))
-    env = {**os.environ, "RECNEXT_JOB_MARKER": marker, "PYTHONPATH": path, **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "recnext_cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, **popen)
 
 
 def processes_tagged(marker: str) -> list[int]:
@@ -51,19 +36,14 @@ def processes_tagged(marker: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def coco(tmp_path_factory) -> Path:
-    return make_synthetic_coco(tmp_path_factory.mktemp("synthetic"), train_images=96, val_images=16).root
+def coco(shapes) -> Path:
+    return shapes.root
 
 
 @pytest.fixture(scope="module")
-def training(coco, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """(work dir, the finished `recnext train`) of a short training with two gloo workers."""
-    work_dir = tmp_path_factory.mktemp("train") / "tiny"
-    result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", "2",
-                     "--data-root", str(coco), "--work-dir", str(work_dir),
-                     "--cfg-options", f"runner.max_epochs={EPOCHS}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return work_dir, result
+def training(tiny_training) -> tuple[Path, subprocess.CompletedProcess]:
+    """(work dir, the finished `recnext train`) of the session's two-worker training (tests/conftest.py)."""
+    return tiny_training.work_dir, tiny_training.result
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from recnext_cli.cli import app
 from recnext_cli.errors import UsageError
 from recnext_cli.runners.test import parse_args
-from recnext_cli.synthetic import make_synthetic_coco
 from recnext_cli.zoo import CONFIG_ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,14 +174,9 @@ def recnext(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(synthetic COCO root, checkpoint) after two short epochs of the tiny config: boxes well above zero AP."""
-    root = make_synthetic_coco(tmp_path_factory.mktemp("synthetic"), train_images=48, val_images=16).root
-    work_dir = tmp_path_factory.mktemp("train")
-    result = recnext("train", "tiny", "--config", str(TINY), "--data-root", str(root), "--work-dir", str(work_dir),
-                     "--cfg-options", "runner.max_epochs=2")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return root, work_dir / "latest.pth"
+def trained(tiny_training) -> tuple[Path, Path]:
+    """(synthetic COCO root, checkpoint) of the session's tiny training (tests/conftest.py): boxes well above zero AP."""
+    return tiny_training.shapes.root, tiny_training.checkpoint
 
 
 @pytest.mark.slow

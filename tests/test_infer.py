@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,15 +17,11 @@ from pycocotools import mask as mask_utils
 from recnext_cli import infer
 from recnext_cli.errors import IntegrityError, UsageError
 from recnext_cli.infer import Detection
-from recnext_cli.synthetic import DEFAULT_CLASSES, make_synthetic_coco
+from recnext_cli.synthetic import DEFAULT_CLASSES
 from recnext_cli.zoo import CONFIG_ROOT
 
 # RecNeXt-M0 Mask R-CNN shrunk to the synthetic shapes, the config `recnext demo` trains.
 TINY = CONFIG_ROOT / "demo" / "mask_rcnn_recnext_m0_shapes.py"
-# Iterations of two images each, about 30 s on one CPU core. Measured on the 16 validation images (box IoU > 0.5, same
-# class): 40 iterations find 17 of the 38 shapes, 60 find 33, 80 find 33, 120 find 37.
-TRAIN_ITERATIONS = 80
-SEED = 0
 
 
 def recnext(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -173,72 +167,13 @@ def test_out_must_not_be_a_file(tmp_path):
     assert "--out" in result.stderr and "is a file" in result.stderr
 
 
-# ---- a trained model ----
+# ---- a trained model: the session's tiny training (tests/conftest.py), on the `shapes` set ----
 
 
-@pytest.fixture(scope="session")
-def shapes(tmp_path_factory):
-    return make_synthetic_coco(tmp_path_factory.mktemp("shapes"), train_images=64, val_images=16, seed=SEED)
-
-
-@pytest.fixture(scope="session")
-def trained(shapes, tmp_path_factory) -> Path:
-    """A checkpoint of the tiny Mask R-CNN (RecNeXt-M0, 128x128) after TRAIN_ITERATIONS on the synthetic train split."""
-    pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
-    import torch
-
-    from recnext_cli import compat
-
-    compat.apply_all()
-    from mmcv import Config
-    from mmcv.parallel import scatter
-    from mmcv.runner import build_optimizer, save_checkpoint
-    from mmdet.datasets import build_dataloader, build_dataset
-    from mmdet.models import build_detector
-
-    import recnext_cli.models  # registers the RecNeXt backbones with mmdet
-
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
-    cfg = Config.fromfile(str(TINY))
-    recnext_cli.models.set_data_root(cfg, shapes.root)
-    dataset = build_dataset(cfg.data.train)
-    loader = build_dataloader(dataset, cfg.data.samples_per_gpu, 0, num_gpus=1, dist=False, seed=SEED)
-    model = build_detector(cfg.model)
-    model.init_weights()
-    model.train()
-    optimizer = build_optimizer(model, cfg.optimizer)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    warmup = cfg.lr_config.warmup_iters
-    threads = torch.get_num_threads()
-    started, iteration = time.monotonic(), 0
-    # One thread: with two, an iteration took 0.3 s alone but up to 47 s while another job used the second core
-    # (OpenMP threads waiting on each other); one thread keeps 0.3-0.4 s under load. oneDNN is off because it builds a
-    # new convolution kernel for every input shape, and the mask head sees another number of RoIs at every step.
-    torch.set_num_threads(1)
-    try:
-        with torch.backends.mkldnn.flags(enabled=False):
-            while iteration < TRAIN_ITERATIONS:
-                for batch in loader:
-                    if iteration == TRAIN_ITERATIONS:
-                        break
-                    # mmcv's linear warm-up, as the config's lr_config asks.
-                    scale = 1 - (1 - iteration / warmup) * (1 - cfg.lr_config.warmup_ratio) if iteration < warmup else 1.0
-                    for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                        group["lr"] = base_lr * scale
-                    outputs = model.train_step(scatter(batch, [-1])[0], optimizer)
-                    optimizer.zero_grad()
-                    outputs["loss"].backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer_config.grad_clip.max_norm)
-                    optimizer.step()
-                    iteration += 1
-    finally:
-        torch.set_num_threads(threads)
-    print(f"trained {TRAIN_ITERATIONS} iterations in {time.monotonic() - started:.0f}s", file=sys.stderr)
-    checkpoint = tmp_path_factory.mktemp("trained") / "tiny.pth"
-    save_checkpoint(model, str(checkpoint), meta={"CLASSES": dataset.CLASSES})
-    return checkpoint
+@pytest.fixture(scope="module")
+def trained(tiny_training) -> Path:
+    """The tiny Mask R-CNN (RecNeXt-M0, 128x128) after two epochs on the synthetic train split."""
+    return tiny_training.checkpoint
 
 
 def ground_truth(shapes, image_path: Path) -> list[tuple[int, tuple[float, float, float, float], np.ndarray]]:
