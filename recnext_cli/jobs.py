@@ -47,15 +47,15 @@ def launch_options(gpus, device, launcher, nnodes, node_rank, master_addr, maste
 
 def on_this_machine(topology, dry_run: bool):
     """`topology` with its device settled against this machine's GPUs, once the worker stack is known to be here."""
-    from recnext_cli import launch
+    from recnext_cli.launch import plan
 
     if not dry_run:
-        launch.require_runner_stack()
+        plan.require_runner_stack()
     # Counting GPUs imports torch: only a run on this machine's GPUs needs it.
     launcher = topology.launcher
-    gpus_visible = 0 if topology.device == "cpu" or launcher == "slurm" else launch.visible_gpus()
-    topology = dataclasses.replace(topology, device=launch.resolve_device(topology.device, gpus_visible, launcher))
-    launch.check_topology(topology, gpus_visible)
+    gpus_visible = 0 if topology.device == "cpu" or launcher == "slurm" else plan.visible_gpus()
+    topology = dataclasses.replace(topology, device=plan.resolve_device(topology.device, gpus_visible, launcher))
+    plan.check_topology(topology, gpus_visible)
     return topology
 
 
@@ -151,13 +151,13 @@ def worker_log(directory: Path, runner: str) -> Path:
 
 def checked_dataset(data_root: Path, runner: str, dry_run: bool, notes: list[str]) -> Path:
     """`data_root`, absolute, once it has the COCO files `runner` reads; with --dry-run a note says what it lacks."""
-    from recnext_cli import launch
+    from recnext_cli import datasets
 
     data_root = data_root.resolve()
-    splits = launch.SPLITS_FOR[runner]
+    splits = datasets.SPLITS_FOR[runner]
     if not dry_run:
-        launch.check_coco_layout(data_root, splits)
-    elif missing := launch.coco_layout_problems(data_root, splits):
+        datasets.check_coco_layout(data_root, splits)
+    elif missing := datasets.coco_layout_problems(data_root, splits):
         notes.append(f"dataset incomplete, the run would stop here: {data_root} lacks {', '.join(missing)}")
     return data_root
 

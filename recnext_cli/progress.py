@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from recnext_cli.launch import RUN_DIR_ENV
+from recnext_cli.launch.supervise import RUN_DIR_ENV
 
 PROGRESS_FILE = "progress.jsonl"
 LINE_EVERY_S = 10.0

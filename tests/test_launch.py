@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from recnext_cli import launch
+from recnext_cli import datasets, launch
 from recnext_cli.cli import app
 from recnext_cli.commands._options import expand_variadic
 from recnext_cli.errors import DatasetLayoutError, EnvironmentProblem, UnknownModelError, UsageError
-from recnext_cli.launch import Topology, build_plan, check_topology
+from recnext_cli.launch import plan as launch_plan
+from recnext_cli.launch.plan import Topology, build_plan, check_topology
 from recnext_cli.runners import first_host, torchrun_env_from_slurm
 from recnext_cli.zoo import CONFIG_ROOT
 
@@ -119,7 +120,7 @@ def test_device_defaults_to_cuda_only_when_a_gpu_is_visible():
 
 def test_slurm_jobs_default_to_cuda_even_from_a_login_node_without_gpus(monkeypatch, tmp_path):
     monkeypatch.setenv("RECNEXT_HOME", str(tmp_path))
-    monkeypatch.setattr(launch, "visible_gpus", lambda: pytest.fail("a Slurm launch must not count local GPUs"))
+    monkeypatch.setattr(launch_plan, "visible_gpus", lambda: pytest.fail("a Slurm launch must not count local GPUs"))
     result = CliRunner().invoke(app, ["test", "m3", "--launcher", "slurm", "--gpus", "8", "--nnodes", "2", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "--ntasks 16 --ntasks-per-node 8 --gres=gpu:8" in result.stdout and "--device cuda" in result.stdout
@@ -169,15 +170,15 @@ def test_variadic_options_take_every_following_word():
 def test_dataset_layout_problems_name_what_is_missing(tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")
-    assert launch.coco_layout_problems(tmp_path, ("val2017",)) == ["val2017/"]
+    assert datasets.coco_layout_problems(tmp_path, ("val2017",)) == ["val2017/"]
     with pytest.raises(DatasetLayoutError) as info:
-        launch.check_coco_layout(tmp_path, launch.SPLITS_FOR["train"])
+        datasets.check_coco_layout(tmp_path, datasets.SPLITS_FOR["train"])
     message = str(info.value)
     assert "missing annotations/instances_train2017.json, train2017/, val2017/" in message
     assert f"expected {tmp_path}/{{annotations/instances_train2017.json, annotations/instances_val2017.json, " in message
     assert "\n" not in message
     (tmp_path / "val2017").mkdir()
-    launch.check_coco_layout(tmp_path, ("val2017",))
+    datasets.check_coco_layout(tmp_path, ("val2017",))
 
 
 def _coco_tree(root: Path, splits=("train2017", "val2017")) -> Path:
@@ -296,7 +297,7 @@ def test_gpus_below_one_are_refused(gpus):
 
 
 def test_more_gpus_than_visible_are_refused(monkeypatch):
-    monkeypatch.setattr(launch, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(launch_plan, "visible_gpus", lambda: 2)
     result = CliRunner().invoke(app, ["test", "m3", "--gpus", "4", "--dry-run"])
     assert isinstance(result.exception, UsageError)
     assert "--gpus 4, but only 2 GPU(s) are visible on this node" in str(result.exception)

@@ -156,7 +156,7 @@ def test(
             runner_args += ["--show-score-thr", str(show_score_thr)]
     if cfg_options:
         runner_args += ["--cfg-options", *cfg_options]
-    from recnext_cli.launch import RUN_RESULT
+    from recnext_cli.launch.supervise import RUN_RESULT
 
     with tempfile.TemporaryDirectory(prefix="recnext-test-") as run_dir:
         from recnext_cli.stack import log_dir

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from recnext_cli.errors import EnvironmentProblem, RecnextError, UsageError
-from recnext_cli.launch import DEVICES, LAUNCHERS, RUN_DIR_ENV
+from recnext_cli.launch.plan import DEVICES, LAUNCHERS
+from recnext_cli.launch.supervise import RUN_DIR_ENV
 
 # How long a worker that reported an error waits for the launcher to end the job before it exits by itself (the
 # launcher polls ten times a second; under srun it may be on another machine and never see the report).

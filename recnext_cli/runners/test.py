@@ -11,7 +11,7 @@ from pathlib import Path
 
 from recnext_cli.compat.evaluator import EVALUATORS
 from recnext_cli.errors import IntegrityError
-from recnext_cli.launch import RUN_DIR_ENV, RUN_RESULT
+from recnext_cli.launch.supervise import RUN_DIR_ENV, RUN_RESULT
 from recnext_cli.progress import ProgressWriter
 from recnext_cli.results import evaluation_document
 from recnext_cli.runners import add_common_arguments, build_detector, load_config, prepare_worker, run_worker
