@@ -782,8 +782,9 @@ def probe_outputs(parts: list[str], device: str, input_size: str, models: list[s
     import torch
 
     from recnext_cli import bench
+    from recnext_cli.bench import models as bench_models
 
-    build_detector = bench.build_random_detector
+    build_detector = bench_models.build_random_detector
 
     def detector_with_scores(name: str):
         # Random weights score every class alike, near 1/81, under mmdet's 0.05 threshold: no box would be left to
@@ -793,8 +794,9 @@ def probe_outputs(parts: list[str], device: str, input_size: str, models: list[s
             detector.roi_head.bbox_head.fc_cls.weight.mul_(CLASSIFIER_SCALE)
         return detector
 
-    bench.build_random_detector = detector_with_scores
-    bench.count_flops = lambda fn: 0  # outputs only: skip the extra forward pass that counts FLOPs
+    # Patched where build_runner looks them up: the module that defines it.
+    bench_models.build_random_detector = detector_with_scores
+    bench_models.count_flops = lambda fn: 0  # outputs only: skip the extra forward pass that counts FLOPs
     answer: dict[str, dict[str, dict[str, Any]]] = {}
     for part, model in ((part, model) for part in parts for model in models):
         base = bench.BenchConfig(part=part, device=device, input_size=bench.parse_input_size(input_size), warmup=0,

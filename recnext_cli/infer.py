@@ -149,12 +149,10 @@ def load_detector(
     from mmcv.runner import CheckpointLoader
     from mmdet.models import build_detector
 
+    from recnext_cli.models.config import for_inference
+
     cfg = Config.fromfile(str(config_path))
-    # Every weight comes from the checkpoint: an ImageNet pretrain named in the config would only be loaded and replaced.
-    cfg.model.pretrained = None
-    if "init_cfg" in cfg.model.backbone:
-        cfg.model.backbone.init_cfg = None
-    cfg.model.train_cfg = None
+    for_inference(cfg)  # every weight comes from the checkpoint
     model = build_detector(cfg.model, test_cfg=cfg.get("test_cfg"))
     # Without a logger mmcv prints "load checkpoint from ..." to stdout, where --json output goes.
     checkpoint = CheckpointLoader.load_checkpoint(str(checkpoint_path), map_location="cpu", logger="silent")

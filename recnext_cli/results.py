@@ -237,17 +237,23 @@ def results_document(records: Sequence[ResultRecord]) -> dict[str, Any]:
 
 def markdown_table(records: Sequence[ResultRecord]) -> str:
     """The upstream README's table: same header and columns, one row per record, in the given order."""
-    lines = [_markdown_line(HEADER), _markdown_line(_ALIGNMENT)]
+    lines = [markdown_row(HEADER), markdown_row(_ALIGNMENT)]
     for record in records:
         latency_ms, checkpoint_url, _ = _row_facts(record)
         label = record.model.upper()
         cells = [record.name, *(format_percent(record.metrics[name]) for name in METRICS)]
-        cells.append(f"{latency_ms:.1f}ms" if latency_ms is not None else "-")
+        cells.append(latency_cell(latency_ms))
         cells.append(f"[{label}]({checkpoint_url})" if checkpoint_url else "-")
         cells.append(f"[{label}]({record.source})")
-        lines.append(_markdown_line(cells))
+        lines.append(markdown_row(cells))
     return "\n".join(lines) + "\n"
 
 
-def _markdown_line(cells: Sequence[str]) -> str:
+def latency_cell(latency_ms: float | None) -> str:
+    """A latency as the README's tables show it: 12.3 -> '12.3ms'; '-' where none was reported."""
+    return f"{latency_ms:.1f}ms" if latency_ms is not None else "-"
+
+
+def markdown_row(cells: Sequence[str]) -> str:
+    """One row of a Markdown table (header and alignment rows included)."""
     return "| " + " | ".join(cells) + " |"

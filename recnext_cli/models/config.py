@@ -1,4 +1,4 @@
-"""Where the six published Mask R-CNN configs live and the two settings a launcher fills in before running one."""
+"""Where the six published Mask R-CNN configs live, the settings a launcher fills in, and the inference-time edits."""
 
 from __future__ import annotations
 
@@ -41,3 +41,15 @@ def set_pretrain_checkpoint(cfg, checkpoint: str | Path | None) -> None:
     """Fill `model.backbone.init_cfg.checkpoint`; None drops the pretrained init (training from scratch)."""
     init_cfg = None if checkpoint is None else dict(type="Pretrained", checkpoint=str(checkpoint))
     cfg.merge_from_dict({"model.backbone.init_cfg": init_cfg})
+
+
+def for_inference(cfg) -> None:
+    """Ready `cfg` (an mmcv Config) for building a detector that weights are then loaded into.
+
+    Every weight comes from a checkpoint (or stays random in a benchmark), so an ImageNet pretrain the config names
+    would only be loaded and overwritten, and training settings have no use.
+    """
+    cfg.model.pretrained = None
+    if "init_cfg" in cfg.model.backbone:
+        cfg.model.backbone.init_cfg = None
+    cfg.model.train_cfg = None

@@ -154,14 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     from mmdet.utils import build_ddp, build_dp, compat_cfg, setup_multi_processes
 
     from recnext_cli import compat
+    from recnext_cli.models.config import for_inference
 
     cfg = compat_cfg(load_config(args.config, args.data_root, args.cfg_options))
     setup_multi_processes(cfg)
-    # The checkpoint holds every weight: an ImageNet pretrain named in the config would only be loaded and overwritten.
-    cfg.model.pretrained = None
-    if "init_cfg" in cfg.model.backbone:
-        cfg.model.backbone.init_cfg = None
-    cfg.model.train_cfg = None
+    for_inference(cfg)  # the checkpoint holds every weight
     rank, _ = compat.init_distributed(args.device)
     distributed = dist.is_initialized()
     route_progress_bars(ProgressWriter(rank), "test")
