@@ -16,11 +16,14 @@ setup: $(BIN)/recnext
 demo: setup
 	$(BIN)/recnext demo
 
+# Two test processes (pytest-xdist): many tests wait on start-ups and subprocesses, so two keep both cores busy;
+# the tests that share the session's trained detector run in one of them (tests/conftest.py).
+TEST_JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup
 
 test-fast: $(BIN)/recnext
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow"
 
 # Raw results (JSON) under benchmarks/results/, then the README's table from them. A missed goal does not stop the
 # others (the leading -); its line in the table says so.

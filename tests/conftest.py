@@ -15,6 +15,15 @@ from recnext_cli.synthetic import SyntheticInfo, make_synthetic_coco
 from recnext_cli.zoo import CONFIG_ROOT
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test` runs two processes), every test that uses the session's trained detector runs
+    in the same process, so the detector is trained once, not once per process (`--dist loadgroup`)."""
+    for item in items:
+        if "tiny_training" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny-training"))
+
+
 @pytest.fixture(autouse=True)
 def _no_job_variables_leak():
     # A leaked RANK/WORLD_SIZE reaches every worker a later test starts, which then waits for ranks that never come.
