@@ -17,13 +17,13 @@ demo: setup
 	$(BIN)/recnext demo
 
 # Two test processes (pytest-xdist): many tests wait on start-ups and subprocesses, so two keep both cores busy;
-# the tests that share the session's trained detector run in one of them (tests/conftest.py).
+# the trained detector several tests share is trained once per run, whichever process asks first (tests/conftest.py).
 TEST_JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS)
 
 test-fast: $(BIN)/recnext
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) -m "not slow"
 
 # Raw results (JSON) under benchmarks/results/, then the README's table from them. A missed goal does not stop the
 # others (the leading -); its line in the table says so.

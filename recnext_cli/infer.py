@@ -16,7 +16,6 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from recnext_cli.errors import IntegrityError, UsageError
 
-DEFAULT_SCORE_THR = 0.3
 MASK_OPACITY = 0.45
 LABEL_PADDING = 2  # pixels between a label's text and the edge of its background
 MIN_LABEL_FONT_PX = 8  # smaller, the default font's letters run together
@@ -78,7 +77,7 @@ class Detector:
         self.fast_path = fast_path
         self._pipeline = pipeline
 
-    def detect(self, image: Image.Image, image_path: Path, score_thr: float = DEFAULT_SCORE_THR) -> ImageResult:
+    def detect(self, image: Image.Image, image_path: Path, score_thr: float) -> ImageResult:
         """Run the detector on `image` (RGB, read from `image_path`); keep detections scoring above `score_thr`."""
         import torch
         from mmcv.parallel import collate
@@ -212,19 +211,6 @@ def _test_pipeline(cfg, config_path: Path):
         return Compose(replace_ImageToTensor(steps[1:]))
 
 
-def run_inference(
-    config_path: Path,
-    checkpoint_path: Path,
-    images: Sequence[Path],
-    score_thr: float = DEFAULT_SCORE_THR,
-    device: str | None = None,
-    fused: bool = True,
-) -> list[ImageResult]:
-    """Load the detector once and run it on every image, in order; an unreadable image raises UsageError."""
-    detector = load_detector(config_path, checkpoint_path, device, fused)
-    return [detector.detect(load_image(path), path, score_thr) for path in images]
-
-
 def class_colour(class_id: int) -> tuple[int, int, int]:
     """A saturated colour for a class; nearby class ids get far-apart hues."""
     red, green, blue = colorsys.hsv_to_rgb((class_id * _GOLDEN_RATIO) % 1.0, 0.85, 0.95)
@@ -343,10 +329,3 @@ def write_png(image: Image.Image, path: Path) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
-
-
-def save_drawing(result: ImageResult, out_dir: Path, file_name: str | None = None) -> Path:
-    """Draw `result` onto its image and write it as `out_dir/file_name` (default: the image's stem + .png)."""
-    path = Path(out_dir) / (file_name or f"{result.image_path.stem}.png")
-    write_png(draw(load_image(result.image_path), result.detections), path)
-    return path

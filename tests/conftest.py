@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -13,15 +14,6 @@ import pytest
 from recnext_cli.runners import TORCHRUN_VARIABLES
 from recnext_cli.synthetic import SyntheticInfo, make_synthetic_coco
 from recnext_cli.zoo import CONFIG_ROOT
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test` runs two processes), every test that uses the session's trained detector runs
-    in the same process, so the detector is trained once, not once per process (`--dist loadgroup`)."""
-    for item in items:
-        if "tiny_training" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("tiny-training"))
 
 
 @pytest.fixture(autouse=True)
@@ -68,19 +60,47 @@ class TinyTraining:
         return self.work_dir / "latest.pth"
 
 
+def once_per_run(tmp_path_factory, name: str, build) -> tuple[Path, dict]:
+    """(folder, record) of `build(folder)`, run once per test run even across pytest-xdist's processes.
+
+    `build` fills the folder and returns a JSON-able record; whichever process gets here first builds under a file
+    lock while the others wait, then all read the record. Without xdist the folder is this session's own.
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: the run's folder, not ours
+    folder, record = shared / name, shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not record.exists():
+            document = build(folder)
+            record.write_text(json.dumps(document))
+    return folder, json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> SyntheticInfo:
-    """The seeded synthetic shapes set: 96 training and 16 validation images."""
-    return make_synthetic_coco(tmp_path_factory.mktemp("shapes"), train_images=96, val_images=16)
+    """The seeded synthetic shapes set: 96 training and 16 validation images (made once per run)."""
+
+    def build(folder: Path) -> dict:
+        info = make_synthetic_coco(folder, train_images=96, val_images=16)
+        return {**dataclasses.asdict(info), "root": str(info.root)}
+
+    _, record = once_per_run(tmp_path_factory, "shapes", build)
+    return SyntheticInfo(**{**record, "root": Path(record["root"]), "classes": tuple(record["classes"])})
 
 
 @pytest.fixture(scope="session")
 def tiny_training(shapes, tmp_path_factory) -> TinyTraining:
-    """`recnext train` of the tiny detector on `shapes` with two gloo workers, once for the whole session."""
+    """`recnext train` of the tiny detector on `shapes` with two gloo workers, once for the whole run."""
     pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
-    work_dir = tmp_path_factory.mktemp("train") / "tiny"
-    result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", "2",
-                     "--data-root", str(shapes.root), "--work-dir", str(work_dir),
-                     "--cfg-options", f"runner.max_epochs={TINY_EPOCHS}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return TinyTraining(shapes, work_dir, result)
+
+    def build(folder: Path) -> dict:
+        result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", "2",
+                         "--data-root", str(shapes.root), "--work-dir", str(folder),
+                         "--cfg-options", f"runner.max_epochs={TINY_EPOCHS}")
+        assert result.returncode == 0, result.stderr[-4000:]
+        return {"args": result.args, "returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}
+
+    work_dir, record = once_per_run(tmp_path_factory, "tiny-training", build)
+    return TinyTraining(shapes, work_dir, subprocess.CompletedProcess(**record))

@@ -61,6 +61,7 @@ def test_training_with_two_workers_leaves_complete_checkpoints_and_a_json_log(tr
     # The demo config's recipe batch is 4 (auto_scale_lr.base_batch_size): two workers of two images reach it.
     batch = json.loads((trained_dir / "batch.json").read_text())
     assert (batch["workers"], batch["images_per_worker"], batch["accumulation"], batch["effective_batch"]) == (2, 2, 1, 4)
+    assert batch["lr"] == batch["recipe_lr"] == 0.001
 
 
 def test_training_shows_progress_and_keeps_the_workers_output_in_the_work_dir(training):
@@ -78,7 +79,6 @@ def test_training_shows_progress_and_keeps_the_workers_output_in_the_work_dir(tr
     (log,) = work_dir.glob("train-workers-*.log")
     assert f"worker output (mmdet's log lines, warnings): {log}" in " ".join(result.stderr.split())
     assert " - mmdet - INFO - Epoch [2][20/24]" in log.read_text()
-    assert batch["lr"] == batch["recipe_lr"] == 0.001
 
 
 # Imported by every process of a job whose PYTHONPATH holds its folder (Python's site hook). In a torchrun worker it
@@ -128,7 +128,10 @@ def test_short_training_learns_boxes_and_one_or_two_workers_agree(trained_dir, c
         assert result.returncode == 0, result.stderr[-4000:]
         metrics[workers] = json.loads((out_dir / "result.json").read_text())["metrics"]
         assert "| tiny |" in result.stdout and f"({out_dir / 'result.json'})" in result.stdout  # the README row
-        assert [path.name for path in out_dir.iterdir()] == ["result.json"]  # no partial results beside it
+        # No partial results beside it; the workers' output, kept beside it, ends with the COCO summary.
+        (log,) = out_dir.glob("test-workers-*.log")
+        assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all" in log.read_text()
+        assert sorted(path.name for path in out_dir.iterdir()) == ["result.json", log.name]
     assert sorted(path.name for path in (tmp_path / "machines").iterdir()) == ["rank0", "rank1"]
     if hidden:
         assert (tmp_path / "machines" / "rank1" / "disk-hidden").exists()

@@ -158,11 +158,10 @@ def test(
         runner_args += ["--cfg-options", *cfg_options]
     from recnext_cli.launch.supervise import RUN_RESULT
 
+    # The workers' output is kept beside what the run writes: the metrics JSON, or the COCO results files.
+    log_path = worker_log((prefix or out).parent, "test")
     with tempfile.TemporaryDirectory(prefix="recnext-test-") as run_dir:
-        from recnext_cli.stack import log_dir
-
-        run_or_show("test", runner_args, topology, notes, dry_run, Path(run_dir), verbose=verbose,
-                    log_path=worker_log(log_dir(), "test"))
+        run_or_show("test", runner_args, topology, notes, dry_run, Path(run_dir), verbose=verbose, log_path=log_path)
         if dry_run:
             return
         if prefix:
