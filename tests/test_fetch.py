@@ -206,7 +206,7 @@ def test_a_writer_killed_outright_leaves_bytes_the_next_run_resumes(server, good
 
 def test_a_500_is_retried_after_a_backoff(server, good, monkeypatch):
     sleeps = []
-    monkeypatch.setattr(transport.time, "sleep", sleeps.append)
+    monkeypatch.setattr(transport, "wait_before_retry", sleeps.append)
     server.faults = [Fault(status=500)]
     assert fetch.ensure_file(M3).read_bytes() == good
     assert [entry.status for entry in server.log] == [500, 200]
@@ -215,7 +215,7 @@ def test_a_500_is_retried_after_a_backoff(server, good, monkeypatch):
 
 def test_persistent_5xx_gives_up_with_exponential_backoff(server, monkeypatch):
     sleeps = []
-    monkeypatch.setattr(transport.time, "sleep", sleeps.append)
+    monkeypatch.setattr(transport, "wait_before_retry", sleeps.append)
     monkeypatch.setattr(transport, "RETRIES", 3)
     server.faults = [Fault(status=502)] * 4
     with pytest.raises(DownloadError, match="502"):

@@ -132,9 +132,15 @@ def stream(url: str, out: PartFile, progress: Progress | None, deadline: Deadlin
                         f"cannot download {url}: {exc} (gave up: {stalled} attempts in a row kept no new bytes); "
                         f"{_kept(out)}"
                     ) from exc
-                time.sleep(min(BACKOFF_SECONDS * 2 ** max(stalled - 1, 0), deadline.remaining()))
+                wait_before_retry(min(BACKOFF_SECONDS * 2 ** max(stalled - 1, 0), deadline.remaining()))
             except requests.RequestException as exc:
                 raise DownloadError(f"cannot download {url}: {exc}") from exc
+
+
+def wait_before_retry(seconds: float) -> None:
+    """The pause between two attempts; its own function, so that tests record pauses without replacing time.sleep
+    for every thread of the process."""
+    time.sleep(seconds)
 
 
 def _kept(out: PartFile) -> str:
