@@ -99,10 +99,13 @@ def test_fusing_leaves_no_batch_norm_and_the_detector_computes_the_same_features
     from mmdet.models import build_detector
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from recnext_cli.runners import load_config, prepare_worker
+    from recnext_cli import compat
+    from recnext_cli.runners import load_config
     from recnext_cli.runners.test import fuse_batch_norms
 
-    prepare_worker("none")
+    # What a worker does before it builds a model, without its parent watch (this process is the test run's).
+    compat.apply_all()
+    import recnext_cli.models  # noqa: F401  (registers the RecNeXt backbones with mmdet)
     cfg = load_config(str(TINY), tmp_path, [])
     torch.manual_seed(0)
     detector = build_detector(cfg.model).eval()
