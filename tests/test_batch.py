@@ -126,6 +126,19 @@ def _tiny_model():
     return Tiny()
 
 
+@pytest.fixture
+def no_epoch_pause(monkeypatch):
+    """mmcv's EpochBasedRunner sleeps 2 s at each epoch start (a guard for data loader workers, which these runs do
+    not have): its module gets a `time` whose sleep returns at once, the rest of the process keeps the real one."""
+    import types
+
+    epoch_based_runner = pytest.importorskip("mmcv.runner.epoch_based_runner")
+    quick = types.SimpleNamespace(**{name: getattr(epoch_based_runner.time, name) for name in dir(epoch_based_runner.time)
+                                     if not name.startswith("__")})
+    quick.sleep = lambda seconds: None
+    monkeypatch.setattr(epoch_based_runner, "time", quick)
+
+
 def _lr_per_step(tmp_path, micro_batches: int, accumulation: int, epochs: int = 3) -> list[float]:
     """The lr each optimizer step used, running mmcv's EpochBasedRunner with recnext's hooks as the config sets them."""
     import logging
@@ -162,7 +175,7 @@ def _lr_per_step(tmp_path, micro_batches: int, accumulation: int, epochs: int = 
     return steps
 
 
-def test_accumulated_steps_follow_the_unaccumulated_lr_schedule_step_for_step(tmp_path):
+def test_accumulated_steps_follow_the_unaccumulated_lr_schedule_step_for_step(tmp_path, no_epoch_pause):
     pytest.importorskip("mmcv", reason="needs mmcv (make setup)")
     # 6 micro-batches of an epoch in groups of 2 are 3 steps, as 3 batches without accumulation: warm-up over 4 steps
     # (so into epoch 2), decay after epoch 2. The step-counting hooks must give every step the same lr.
@@ -172,7 +185,7 @@ def test_accumulated_steps_follow_the_unaccumulated_lr_schedule_step_for_step(tm
     assert published[0] < published[3] and published[-1] == pytest.approx(0.01)
 
 
-def test_an_epoch_whose_length_is_not_a_multiple_ends_with_a_shorter_step(tmp_path):
+def test_an_epoch_whose_length_is_not_a_multiple_ends_with_a_shorter_step(tmp_path, no_epoch_pause):
     pytest.importorskip("mmcv", reason="needs mmcv (make setup)")
     # 5 micro-batches in groups of 2: steps after micro-batches 2, 4 and 5 of every epoch, so checkpoints written at
     # epoch ends hold no half-summed gradient; the schedule sees 3 steps per epoch, like 3 unaccumulated batches.
