@@ -303,6 +303,7 @@ def test_cli_table_lists_each_detection(trained, shapes, tmp_path):
                                       str(trained), "--out", str(tmp_path), "--device", "cpu"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "detections" in result.output and image.name in result.output
+    assert result.output.count(str(image)) == 1  # named once, however many detections it has
     assert any(name in result.output for name in DEFAULT_CLASSES)
     assert f"drawn: {tmp_path / image.name}" in result.output
 

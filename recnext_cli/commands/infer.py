@@ -145,10 +145,13 @@ def _print_table(drawn, score_thr: float) -> None:
         table.add_column(column, justify=justify, overflow="fold")
     for result, _ in drawn:
         if not result.detections:
-            table.add_row(str(result.image_path), f"[dim]none above {score_thr}[/]", "", "")
-        for detection in result.detections:
+            table.add_row(str(result.image_path), f"[dim]none above {score_thr}[/]", "", "", end_section=True)
+        for index, detection in enumerate(result.detections):
             box = ", ".join(f"{value:.0f}" for value in detection.box)
-            table.add_row(str(result.image_path), detection.class_name, f"{detection.score:.3f}", box)
+            last = index == len(result.detections) - 1
+            # Each image is named once, on its first row: a long path repeated per detection doubles the table.
+            table.add_row(str(result.image_path) if index == 0 else "", detection.class_name, f"{detection.score:.3f}",
+                          box, end_section=last)
     console = Console()
     console.print(table)
     for _, drawing_path in drawn:
