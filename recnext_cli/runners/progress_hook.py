@@ -11,8 +11,6 @@ from recnext_cli.progress import ProgressWriter
 # (VERY_LOW, 90), which print and clear it.
 HOOK_PRIORITY = 80
 METRIC_SUFFIXES = ("_mAP", "_mAP_50", "_mAP_75", "_mAP_s", "_mAP_m", "_mAP_l")
-
-
 HOOK_TYPE = "RecnextProgressHook"
 
 
@@ -86,11 +84,8 @@ def route_progress_bars(writer: ProgressWriter, phase: str) -> None:
 
     if not writer.active:
         return
-    original = getattr(mmcv.ProgressBar, "_recnext_original", mmcv.ProgressBar)
 
     class EventProgressBar:
-        _recnext_original = original
-
         def __init__(self, task_num: int = 0, *args, **kwargs) -> None:
             self.task_num, self.completed, self.started = task_num, 0, time.monotonic()
             writer.emit("phase", phase=phase, total=task_num)
