@@ -196,8 +196,7 @@ def _checkpoint_entries(root: Path, folder: Path, now: float) -> list[Entry]:
         elif name in zoo.CHECKPOINTS:
             checkpoint = zoo.CHECKPOINTS[name]
             what = "COCO detector" if checkpoint.kind == zoo.COCO else "ImageNet pretrain"
-            title = zoo.MODELS[checkpoint.model].title
-            found.append(Entry(relative, CHECKPOINT, (path,), tree_size(path), f"{title} {what}",
+            found.append(Entry(relative, CHECKPOINT, (path,), tree_size(path), f"{checkpoint.title} {what}",
                                lock=Path(f"{path}.lock"), file_name=name))
         elif name == cache.manifest_path().name:
             note = "digests recorded when files were first seen"

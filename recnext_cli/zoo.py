@@ -1,19 +1,19 @@
-"""The RecNeXt model zoo as data: released checkpoint files, their configs and the published COCO results."""
+"""The RecNeXt model zoo as data: one record per released file (URL, pin, backbone, config, published COCO results)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import re
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
 from recnext_cli.errors import EnvironmentProblem, UnknownModelError, UsageError
+from recnext_cli.variants import VARIANTS, Variant
 
 RELEASES_URL = "https://github.com/suous/RecNeXt/releases/download"
-# Model.config paths are relative to this package, which ships the mmdet config files in configs/ as package data.
+# Checkpoint.config paths are relative to this package, which ships the mmdet config files in configs/ as package data.
 PACKAGE_ROOT = Path(__file__).resolve().parent
 CONFIG_ROOT = PACKAGE_ROOT / "configs"
 # The M series was published with release v1.0, the A series (linear attention) later with v2.0.
@@ -55,14 +55,33 @@ PINS: Mapping[str, Pin] = MappingProxyType({
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """One released weight file. sha256/size stay None until pinned: the first download is then trusted and recorded."""
+    """One released weight file with all the zoo knows of it: URL, pin, backbone and, for a detector, config and results.
 
-    model: str  # the variant whose backbone the file holds, e.g. "m3"
+    sha256/size stay None until pinned: the first download is then trusted and recorded.
+    """
+
+    variant: Variant  # the backbone the file holds, as a structure: widths, depths, fingerprint, ...
     kind: str  # COCO (mmdet Mask R-CNN state dict) or IMAGENET (classification pretraining)
     release_tag: str
     file_name: str
     sha256: str | None = None
     size: int | None = None
+    config: str | None = None  # COCO only: the mmdet config that trained it, relative to PACKAGE_ROOT
+    metrics: Metrics | None = None  # COCO only: its results as the RecNeXt detection README reports them
+
+    def __post_init__(self) -> None:
+        # A detector file without its recipe and results, or a pretraining file with them, is a mistake in the table.
+        if (self.kind == COCO) != (self.config is not None and self.metrics is not None):
+            raise ValueError(f"{self.file_name}: a COCO file has a config and metrics, an ImageNet file neither")
+
+    @property
+    def model(self) -> str:
+        """The zoo key of the size whose backbone the file holds, e.g. "m3"."""
+        return self.variant.name
+
+    @property
+    def title(self) -> str:
+        return self.variant.title
 
     @property
     def url(self) -> str:
@@ -75,63 +94,61 @@ class Checkpoint:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A RecNeXt variant: its ImageNet pretraining file and, for the detection sizes, the COCO checkpoint and results."""
+    """A RecNeXt size: its ImageNet pretraining file and, for the detection sizes, its COCO file.
 
-    name: str
-    series: str
-    release_tag: str
-    backbone: str  # BACKBONE_FINGERPRINTS[name]: what a checkpoint's backbone keys and shapes must hash to
+    Everything else (name, backbone, release, config, results) is read from those files' records, so it is said once.
+    """
+
     pretrain: Checkpoint
     coco: Checkpoint | None = None
-    config: str | None = None
-    metrics: Metrics | None = None
+
+    def __post_init__(self) -> None:
+        if self.coco is not None and self.coco.variant != self.pretrain.variant:
+            raise ValueError(f"{self.coco.file_name} and {self.pretrain.file_name} hold different backbones")
+
+    @property
+    def variant(self) -> Variant:
+        return self.pretrain.variant
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @property
+    def series(self) -> str:
+        return self.variant.series
 
     @property
     def title(self) -> str:
-        return f"RecNeXt-{self.name.upper()}"
+        return self.variant.title
+
+    @property
+    def release_tag(self) -> str:
+        return self.pretrain.release_tag
+
+    @property
+    def config(self) -> str | None:
+        return self.coco.config if self.coco else None
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self.coco.metrics if self.coco else None
 
 
-# SHA-256 of each backbone's sorted "key:shape" lines (backbone_fingerprint), so the structural check of a download
-# needs no torch; tests/test_zoo.py recomputes them from the backbones in recnext_cli/nn.
-BACKBONE_FINGERPRINTS = MappingProxyType({
-    "m0": "1593bcc6f0e4b65d6989c41a0703050e1b4e2df9bb3115334ca540bf6cba74a3",
-    "m1": "0a430c45800dd3d049ce2e8ce3fb222ffc4bc552deb62bb249db2baca83d65e8",
-    "m2": "2fb389bacd3414babab21fb7e6ff58c006b44856a30ed07bf9345fa7ccbc46cc",
-    "m3": "740e625dea88bd8b2912897d037387f723b5d7906396c64c17e69af89da66535",
-    "m4": "c1165101031fe695b640c63c87f5206677cb23736184cbe1b9052b5befe28420",
-    "m5": "86dd3b9f2dc612a14725f740f7328ace94e98159552b0a2d1b4bac604fb0bad1",
-    "a0": "3d889ae0941b030de49d364dff93d9669065d76dbe8885742ed911d71ebd74b4",
-    "a1": "fb6c10ef943cbae4528b3713ba9ffb26e93607c3b82fedad4f3bf58480de2762",
-    "a2": "5af7e2e78761e31060c1771879c48b5e7c5c561d87b361abe7e953b8dd20379c",
-    "a3": "63e65a74f500bcf9ba3994db1866216b9355682b982e31f35b080354245ef1e1",
-    "a4": "96d06aeece85b501248badca0af74967930c947df84058be0cfdbefa5c848617",
-    "a5": "14213998a85662007c57fd8069219af2bb280bae6ed55c84419261ab3f1facc1",
-})
-
-
-def backbone_fingerprint(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """The SHA-256 of backbone `shapes` ({key without prefix: shape}) as BACKBONE_FINGERPRINTS records it."""
-    lines = "\n".join(f"{key}:{','.join(map(str, shape))}" for key, shape in sorted(shapes.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _checkpoint(name: str, kind: str, tag: str, file_name: str) -> Checkpoint:
+def _checkpoint(variant: Variant, kind: str, file_name: str, config: str | None = None,
+                metrics: Metrics | None = None) -> Checkpoint:
     pin = PINS.get(file_name)
-    if pin is None:
-        return Checkpoint(name, kind, tag, file_name)
-    return Checkpoint(name, kind, tag, file_name, pin.sha256, pin.size)
+    sha256, size = (pin.sha256, pin.size) if pin else (None, None)
+    return Checkpoint(variant, kind, RELEASE_TAGS[variant.series], file_name, sha256, size, config, metrics)
 
 
 def _model(name: str, metrics: Metrics | None = None) -> Model:
-    series = name[0].upper()
-    tag = RELEASE_TAGS[series]
-    backbone = BACKBONE_FINGERPRINTS[name]
-    pretrain = _checkpoint(name, IMAGENET, tag, f"recnext_{name}_distill_300e.pth")
+    variant = VARIANTS[name]
+    pretrain = _checkpoint(variant, IMAGENET, f"recnext_{name}_distill_300e.pth")
     if metrics is None:
-        return Model(name, series, tag, backbone, pretrain)
-    coco = _checkpoint(name, COCO, tag, f"recnext_{name}_coco.pth")
+        return Model(pretrain)
     config = f"configs/mask_rcnn_recnext_{name}_fpn_1x_coco.py"
-    return Model(name, series, tag, backbone, pretrain, coco, config, metrics)
+    return Model(pretrain, _checkpoint(variant, COCO, f"recnext_{name}_coco.pth", config, metrics))
 
 
 # Detection models first, in the README's order; then the classification-only sizes.

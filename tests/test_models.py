@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from recnext_cli import nn as rnn
+from recnext_cli import variants, zoo
 from recnext_cli.errors import RecnextError, UnknownModelError
 from recnext_cli.nn import recnext as recnext_module
 
@@ -137,11 +138,11 @@ def _random_state_dict(shapes: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_variant_table_matches_spec():
-    assert set(rnn.VARIANTS) == set(SPEC)
+    assert set(variants.VARIANTS) == set(SPEC)
     for name, (series, widths, depths, ratio) in SPEC.items():
-        v = rnn.VARIANTS[name]
+        v = variants.VARIANTS[name]
         assert (v.series, v.widths, v.depths, v.mlp_ratio) == (series, widths, depths, ratio)
-    assert set(rnn.COCO_VARIANTS) == set(COCO)
+    assert set(zoo.DETECTION_MODELS) == set(COCO)
 
 
 @pytest.mark.parametrize("name", list(SPEC))

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from recnext_cli import zoo
+from recnext_cli import variants, zoo
 from recnext_cli.errors import UnknownModelError, UsageError
 from recnext_cli.nn import recnext
 
@@ -50,9 +50,24 @@ def test_every_model_has_its_release_files_and_config():
             assert model.config is None and model.metrics is None
 
 
+def test_each_release_file_record_carries_its_backbone_config_and_results():
+    for file_name, checkpoint in zoo.CHECKPOINTS.items():
+        assert checkpoint is zoo.get_checkpoint(checkpoint.model, pretrain=checkpoint.kind == zoo.IMAGENET)
+        assert checkpoint.variant is variants.VARIANTS[checkpoint.model]
+        assert checkpoint.url.endswith(f"/{checkpoint.release_tag}/{file_name}")
+        if checkpoint.kind == zoo.COCO:
+            assert checkpoint.config == zoo.MODELS[checkpoint.model].config and checkpoint.metrics is not None
+        else:
+            assert checkpoint.config is None and checkpoint.metrics is None
+    with pytest.raises(ValueError, match="a COCO file has a config and metrics"):
+        dataclasses.replace(zoo.MODELS["m3"].coco, metrics=None)
+    with pytest.raises(ValueError, match="hold different backbones"):
+        dataclasses.replace(zoo.MODELS["m3"], coco=zoo.MODELS["a3"].coco)
+
+
 def test_zoo_and_backbone_variants_name_the_same_models():
-    assert set(zoo.MODELS) == set(recnext.VARIANTS)
-    assert set(zoo.DETECTION_MODELS) == set(recnext.COCO_VARIANTS)
+    assert set(zoo.MODELS) == set(variants.VARIANTS)
+    assert set(zoo.DETECTION_MODELS) == {name for name, model in zoo.MODELS.items() if model.coco}
     assert len(zoo.CHECKPOINTS) == len(zoo.MODELS) + len(zoo.DETECTION_MODELS)
 
 
@@ -96,14 +111,14 @@ def test_commands_without_pretrain_are_not_told_to_use_it():
     assert "--pretrain" not in str(failure.value)
 
 
-@pytest.mark.parametrize("name", list(recnext.VARIANTS))
+@pytest.mark.parametrize("name", list(variants.VARIANTS))
 def test_backbone_fingerprints_are_those_of_the_backbones(name):
-    assert zoo.backbone_fingerprint(recnext.backbone_state_shapes(name)) == zoo.BACKBONE_FINGERPRINTS[name]
-    assert zoo.MODELS[name].backbone == zoo.BACKBONE_FINGERPRINTS[name]
+    assert variants.backbone_fingerprint(recnext.backbone_state_shapes(name)) == variants.VARIANTS[name].fingerprint
+    assert zoo.MODELS[name].variant.fingerprint == variants.VARIANTS[name].fingerprint
 
 
 def test_fingerprints_tell_every_backbone_apart():
-    assert len(set(zoo.BACKBONE_FINGERPRINTS.values())) == len(zoo.MODELS)
+    assert len({v.fingerprint for v in variants.VARIANTS.values()}) == len(zoo.MODELS)
 
 
 def test_pins_name_release_files_and_reach_their_checkpoints():

@@ -9,7 +9,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
-from recnext_cli import cache, zoo
+from recnext_cli import cache, variants, zoo
 from recnext_cli.errors import IntegrityError
 from recnext_cli.zoo import Checkpoint
 
@@ -186,15 +186,15 @@ def check_structure(path: Path, checkpoint: Checkpoint) -> None:
         for key, value in state.items()
         if isinstance(key, str) and key.startswith(layout.backbone_prefix) and not key.startswith(layout.other_parts)
     }
-    title = zoo.MODELS[checkpoint.model].title
+    title = checkpoint.title
     problems = []
     if not all(isinstance(value, _Tensor) for value in backbone.values()):
         problems.append("backbone entries that are not tensors")
     else:
-        fingerprint = zoo.backbone_fingerprint({key: value.shape for key, value in backbone.items()})
-        if fingerprint != zoo.MODELS[checkpoint.model].backbone:
-            match = [zoo.MODELS[name].title for name, known in zoo.BACKBONE_FINGERPRINTS.items() if known == fingerprint]
-            problems.append(f"it holds a {match[0]} backbone" if match else (
+        fingerprint = variants.backbone_fingerprint({key: value.shape for key, value in backbone.items()})
+        if fingerprint != checkpoint.variant.fingerprint:
+            match = variants.variant_for_fingerprint(fingerprint)
+            problems.append(f"it holds a {match.title} backbone" if match else (
                 f"its {len(backbone)} backbone tensors do not have {title}'s keys and shapes"
             ))
     absent = [part for part in layout.other_parts if not any(isinstance(key, str) and key.startswith(part) for key in state)]

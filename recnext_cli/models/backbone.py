@@ -12,7 +12,8 @@ from mmdet.utils import get_root_logger
 
 from recnext_cli.errors import IntegrityError, UsageError
 from recnext_cli.models.checkpoint import read_backbone_state
-from recnext_cli.nn import VARIANTS, RecNeXt, maybe_sync_bn
+from recnext_cli.nn import RecNeXt, maybe_sync_bn
+from recnext_cli.variants import VARIANTS
 
 PRETRAIN_CHECKPOINT_KEY = "model.backbone.init_cfg.checkpoint"
 # Keys the published configs inherit from mmdet's ResNet-50 base config. The published backbone swallows them

@@ -1,8 +1,6 @@
-"""Pure-PyTorch RecNeXt networks (no mmcv/mmdet): backbones, variant table, BatchNorm fusion and SyncBN policy."""
+"""Pure-PyTorch RecNeXt networks (no mmcv/mmdet): backbones, BatchNorm fusion and SyncBN policy."""
 
 from recnext_cli.nn.recnext import (
-    COCO_VARIANTS,
-    VARIANTS,
     ABlock,
     ConvNorm,
     Downsample,
@@ -13,13 +11,11 @@ from recnext_cli.nn.recnext import (
     RecNeXt,
     Stage,
     Stem,
-    Variant,
     backbone_state_shapes,
     build_recnext,
     fold_norm_after,
     fold_norm_before,
     fuse,
-    get_variant,
     linear_attention,
     mlp,
     quadratic_attention,
@@ -27,8 +23,6 @@ from recnext_cli.nn.recnext import (
 from recnext_cli.nn.sync_bn import distributed_world_size, maybe_sync_bn, should_sync_bn
 
 __all__ = [
-    "COCO_VARIANTS",
-    "VARIANTS",
     "ABlock",
     "ConvNorm",
     "Downsample",
@@ -39,14 +33,12 @@ __all__ = [
     "RecNeXt",
     "Stage",
     "Stem",
-    "Variant",
     "backbone_state_shapes",
     "build_recnext",
     "distributed_world_size",
     "fold_norm_after",
     "fold_norm_before",
     "fuse",
-    "get_variant",
     "linear_attention",
     "maybe_sync_bn",
     "mlp",

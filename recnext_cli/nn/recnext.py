@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
@@ -11,59 +10,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from recnext_cli import zoo
+from recnext_cli.variants import Variant
 
 # Spatial reductions inside a RecConv before the last conv; stage 0 recurses deepest (spec: level = 4 - stage).
 M_LEVELS = (4, 3, 2, 1)
 TOKEN_KERNEL = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One published RecNeXt size: widths and depths per stage and the channel-mixer expansion."""
-
-    name: str
-    series: str  # "M": recursive convolution, "A": recursive linear attention
-    widths: tuple[int, int, int, int]
-    depths: tuple[int, int, int, int]
-    mlp_ratio: float
-
-    @property
-    def has_coco_checkpoint(self) -> bool:
-        # The zoo owns which sizes were released with COCO weights; this table only knows their shapes.
-        return zoo.MODELS[self.name].coco is not None
-
-    def hidden(self, channels: int) -> int:
-        return int(channels * self.mlp_ratio)
-
-
-def _variant(name: str, widths, depths, mlp_ratio: float = 2.0) -> Variant:
-    return Variant(name, name[0].upper(), tuple(widths), tuple(depths), mlp_ratio)
-
-
-# a0-a2 keep the M-series ratio of 2: only the three COCO-sized A models use 1.875 in the published code.
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        _variant("m0", (40, 80, 160, 320), (2, 2, 9, 1)),
-        _variant("m1", (48, 96, 192, 384), (3, 3, 15, 2)),
-        _variant("m2", (56, 112, 224, 448), (3, 3, 15, 2)),
-        _variant("m3", (64, 128, 256, 512), (3, 3, 13, 2)),
-        _variant("m4", (64, 128, 256, 512), (5, 5, 25, 4)),
-        _variant("m5", (80, 160, 320, 640), (7, 7, 35, 2)),
-        _variant("a0", (40, 80, 160, 320), (2, 2, 9, 1)),
-        _variant("a1", (48, 96, 192, 384), (3, 3, 15, 2)),
-        _variant("a2", (56, 112, 224, 448), (3, 3, 15, 2)),
-        _variant("a3", (64, 128, 256, 512), (3, 3, 13, 2), 1.875),
-        _variant("a4", (64, 128, 256, 512), (5, 5, 25, 4), 1.875),
-        _variant("a5", (80, 160, 320, 640), (7, 7, 35, 2), 1.875),
-    )
-}
-COCO_VARIANTS = zoo.DETECTION_MODELS
-
-
-def get_variant(name: str) -> Variant:
-    """The shapes of model `name` in any spelling the zoo accepts ("m3", "recnext_m3"); the zoo refuses unknown ones."""
-    return VARIANTS[zoo.get_model(name).name]
 
 
 def _bn_scale_shift(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,7 +278,8 @@ class RecNeXt(nn.Module):
 
     def __init__(self, variant: str | Variant) -> None:
         super().__init__()
-        self.variant = variant if isinstance(variant, Variant) else get_variant(variant)
+        # A name resolves through the zoo, so it accepts the zoo's spellings and refuses an unknown one its way.
+        self.variant = variant if isinstance(variant, Variant) else zoo.get_model(variant).variant
         self.stem = Stem(3, self.variant.widths[0])
         self.stages = nn.Sequential(*(Stage(self.variant, i) for i in range(len(self.variant.widths))))
 
@@ -362,4 +314,4 @@ def _state_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 def backbone_state_shapes(variant: str) -> dict[str, tuple[int, ...]]:
     """Every state_dict key of the backbone (no `backbone.` prefix) and its shape; built on the meta device."""
-    return dict(_state_shapes(get_variant(variant).name))
+    return dict(_state_shapes(zoo.get_model(variant).name))
