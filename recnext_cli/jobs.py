@@ -26,20 +26,35 @@ def checked_name(name: str) -> str:
     return name
 
 
-def launch_options(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args):
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+    """How a test or training job's workers start, as given (--gpus, --device, --launcher, ...); None: the default."""
+
+    gpus: int = 1  # workers per node
+    device: str | None = None
+    launcher: str | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    partition: str | None = None
+    srun_args: str = ""
+
+
+def launch_options(options: LaunchOptions):
     """The launcher options as a launch.Topology, checked as far as they can be without counting GPUs (no torch)."""
     from recnext_cli import launch
 
     topology = launch.Topology(
-        launcher=launcher or launch.default_launcher(gpus * nnodes),
-        nproc_per_node=gpus,
-        device=device,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        master_addr=master_addr,
-        master_port=master_port,
-        partition=partition,
-        srun_args=launch.parse_srun_args(srun_args),
+        launcher=options.launcher or launch.default_launcher(options.gpus * options.nnodes),
+        nproc_per_node=options.gpus,
+        device=options.device,
+        nnodes=options.nnodes,
+        node_rank=options.node_rank,
+        master_addr=options.master_addr,
+        master_port=options.master_port,
+        partition=options.partition,
+        srun_args=launch.parse_srun_args(options.srun_args),
     )
     launch.check_options(topology)
     return topology
@@ -217,6 +232,26 @@ def model_files(name: str, config: Path | None, checkpoint: Path | None, dry_run
     if isinstance(checkpoint, Path):
         checkpoint = existing_file(checkpoint, "--checkpoint", dry_run, notes)
     return config, checkpoint
+
+
+def pretrain_files(name: str, config: Path | None, dry_run: bool, notes: list[str]):
+    """(config, zoo pretrain record or None) for training NAME: the zoo's, or your config with the zoo pretrain when
+    NAME is in the zoo. Checks the name before your config file, and downloads nothing."""
+    from recnext_cli import zoo
+    from recnext_cli.errors import UnknownModelError
+
+    checked_name(name)
+    try:
+        record = zoo.get_checkpoint(name, pretrain=True)
+    except UnknownModelError:
+        if config is None:
+            raise
+        record = None
+    if config:
+        config = existing_file(config, "--config", dry_run, notes)
+        if record is None:
+            notes.append(f"{name!r} is not in the zoo: the backbone starts from what {config.name} itself says")
+    return config or zoo.config_path(name), record
 
 
 def local_checkpoint(checkpoint, dry_run: bool, notes: list[str]) -> Path:

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from recnext_cli import infer
-from recnext_cli.commands.infer import expand_images
+from recnext_cli.pipelines import expand_images
 from recnext_cli.infer import Detection
 
 

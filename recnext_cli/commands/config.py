@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from recnext_cli.commands._options import CfgOptions, Config, DataRoot, Gpus, ModelName, Nnodes
-from recnext_cli.commands.train import BatchPolicy, model_files
+from recnext_cli.commands.train import BatchPolicy
 
 
 def config(
@@ -38,13 +38,14 @@ def config(
     from recnext_cli.runners import quiet_worker_output
     from recnext_cli.runners import train as train_runner
     from recnext_cli.errors import UsageError
+    from recnext_cli.jobs import pretrain_files
     from recnext_cli.runners.batch import BATCH_POLICIES
 
     if batch_policy not in BATCH_POLICIES:
         raise UsageError(f"--batch-policy {batch_policy}: use one of {', '.join(BATCH_POLICIES)}")
     if gpus < 1 or nnodes < 1:
         raise UsageError("--gpus and --nnodes count workers and machines: give each at least 1")
-    config_path, pretrain_record = model_files(name, config, dry_run=True, notes=[])
+    config_path, pretrain_record = pretrain_files(name, config, dry_run=True, notes=[])
     runner_args = [
         str(config_path), "--data-root", str(data_root.resolve()), "--device", "cuda",
         "--work-dir", str((work_dir or Path("work_dirs") / name).resolve()), "--batch-policy", batch_policy,

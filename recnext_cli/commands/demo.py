@@ -29,7 +29,9 @@ def demo(
     """
     from rich.console import Console
 
-    from recnext_cli.commands import infer, test, train
+    from recnext_cli.commands.infer import print_error, show_drawings
+    from recnext_cli.jobs import LaunchOptions
+    from recnext_cli.pipelines import run_infer, run_test, run_train
     from recnext_cli.synthetic import DEFAULT_CLASSES, make_synthetic_coco
     from recnext_cli.zoo import CONFIG_ROOT
 
@@ -46,14 +48,19 @@ def demo(
         console.print(f"{info.images['train2017']} train / {info.images['val2017']} val images of "
                       f"{', '.join(info.classes)} in {data_root}")
     work_dir = out / "train"
+    workers_on_cpu = LaunchOptions(gpus=workers, device="cpu")
     console.rule(f"2/4 training {DEMO_NAME} with {workers} CPU workers")
-    train.train(DEMO_NAME, gpus=workers, data_root=data_root, work_dir=work_dir, device="cpu", config=demo_config,
-                cfg_options=[f"runner.max_epochs={epochs}"], verbose=verbose)
+    run_train(DEMO_NAME, workers_on_cpu, data_root=data_root, work_dir=work_dir, config=demo_config,
+              cfg_options=[f"runner.max_epochs={epochs}"], verbose=verbose)
     console.rule(f"3/4 testing with {workers} CPU workers")
-    test.test(DEMO_NAME, gpus=workers, data_root=data_root, checkpoint=work_dir / "latest.pth", device="cpu",
-              config=demo_config, out=out / "test_result.json", verbose=verbose)
+    run_test(DEMO_NAME, workers_on_cpu, data_root=data_root, checkpoint=work_dir / "latest.pth", config=demo_config,
+             out=out / "test_result.json", verbose=verbose)
     console.rule("4/4 drawing detections")
     image = sorted((data_root / "val2017").glob("*.png"))[0]
-    infer.infer(DEMO_NAME, [image], checkpoint=work_dir / "latest.pth", config=demo_config, out=out / "drawings",
-                device="cpu")
+    score_thr = 0.3
+    drawings = run_infer(DEMO_NAME, [image], checkpoint=work_dir / "latest.pth", config=demo_config,
+                         out=out / "drawings", score_thr=score_thr, device="cpu", on_error=print_error)
+    show_drawings(drawings, score_thr, as_json=False)
+    if not drawings.complete:
+        raise typer.Exit(2)
     console.print(f"demo finished in {time.monotonic() - started:.0f}s; drawing: {out / 'drawings' / (image.stem + '.png')}")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
 from recnext_cli.commands._options import DetectorCheckpoint
 
-# What a folder given as IMAGE contributes: the files directly in it with these suffixes (any case).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+if TYPE_CHECKING:
+    from recnext_cli.pipelines import Drawings
 
 
 def infer(
@@ -44,74 +43,32 @@ def infer(
     An image that cannot be read, or a folder or pattern with no image, gets a one-line error; the others are still
     processed, and the exit code is then 2.
     """
-    from rich.console import Console
-    from rich.markup import escape
+    from recnext_cli.pipelines import run_infer
 
-    from recnext_cli import infer as library
-    from recnext_cli.jobs import local_checkpoint, model_files
-    from recnext_cli.errors import RecnextError, UsageError
-
-    config_path, checkpoint = model_files(name, config, checkpoint, dry_run=False, notes=[])
-    given, (images, unmatched) = images, expand_images(images)
-    # Before anything is downloaded or built: a run with no image to read would do all that for nothing.
-    if not any(path.is_file() for path in images):
-        candidates = images or given
-        missing = candidates[0] if len(candidates) == 1 else f"any of {len(candidates)} paths (first: {candidates[0]})"
-        raise UsageError(f"no image file at {missing}; check the path")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; name a folder for the drawings")
-    checkpoint_path = local_checkpoint(checkpoint, dry_run=False, notes=[])
-    detector = library.load_detector(config_path, checkpoint_path, device)
-    errors = Console(stderr=True, highlight=False)
-    for problem in unmatched:
-        errors.print(f"[bold red]error:[/] {escape(problem)}", soft_wrap=True)
-    drawn: list[tuple[library.ImageResult, Path]] = []
-    for image_path, file_name in zip(images, library.drawing_names(images)):
-        try:
-            image = library.load_image(image_path)
-        except RecnextError as exc:
-            errors.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-            continue
-        result = detector.detect(image, image_path, score_thr)
-        drawing_path = out / file_name
-        library.write_png(library.draw(image, result.detections), drawing_path)
-        drawn.append((result, drawing_path))
-
-    if as_json:
-        from recnext_cli.outputs import document, dumps
-
-        records = [_as_record(result, path) for result, path in drawn]
-        typer.echo(dumps(document("infer", score_threshold=score_thr, images=records)))
-    else:
-        _print_table(drawn, score_thr)
-    if len(drawn) < len(images) or unmatched:
+    run = run_infer(name, images, checkpoint=checkpoint, config=config, out=out, score_thr=score_thr,
+                    device=device, on_error=print_error)
+    show_drawings(run, score_thr, as_json)
+    if not run.complete:
         raise typer.Exit(2)
 
 
-def expand_images(arguments: list[Path]) -> tuple[list[Path], list[str]]:
-    """IMAGE arguments as files, in order, each once, and a message for each folder or pattern that gave none.
+def print_error(message: str) -> None:
+    """One red `error:` line on stderr for an image that was not drawn; the run goes on with the others."""
+    from rich.console import Console
+    from rich.markup import escape
 
-    A folder gives the image files directly in it, a pattern with * ? or [ its matching files (** spans folders),
-    both sorted by name; anything else stays as given, so that a missing file is reported when it is read.
-    """
-    expanded: dict[Path, None] = {}
-    problems = []
-    for argument in arguments:
-        if argument.is_dir():
-            found = sorted(
-                path for path in argument.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-            )
-            if not found:
-                suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-                problems.append(f"no image file in the folder {argument} (looked for {suffixes})")
-        elif any(character in str(argument) for character in "*?["):
-            found = sorted(Path(match) for match in glob.glob(str(argument), recursive=True) if Path(match).is_file())
-            if not found:
-                problems.append(f"no file matches {argument}; check the pattern")
-        else:
-            found = [argument]
-        expanded.update(dict.fromkeys(found))
-    return list(expanded), problems
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def show_drawings(run: Drawings, score_thr: float, as_json: bool) -> None:
+    """The detections as a table and the drawings' paths, or with `as_json` as a recnext.infer document."""
+    if as_json:
+        from recnext_cli.outputs import document, dumps
+
+        records = [_as_record(result, path) for result, path in run.drawn]
+        typer.echo(dumps(document("infer", score_threshold=score_thr, images=records)))
+    else:
+        _print_table(run.drawn, score_thr)
 
 
 def _as_record(result, drawing_path: Path) -> dict:

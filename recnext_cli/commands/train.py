@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,43 +24,12 @@ from recnext_cli.commands._options import (
     SrunArgs,
     Verbose,
 )
-from recnext_cli.jobs import (
-    checked_dataset,
-    checked_name,
-    existing_file,
-    fetched,
-    launch_options,
-    on_this_machine,
-    run_or_show,
-    worker_log,
-)
-
 
 BatchPolicy = Annotated[str, typer.Option(
     "--batch-policy", help="How to keep the recipe's images per optimizer step (16 for the published runs) with "
     "your worker count: accumulate (sum the gradients of several iterations per step; the count must divide "
     "it), linear-lr (one step per iteration, lr x actual/recipe batch, mmdet's auto_scale_lr) or as-configured.",
 )]
-
-
-def model_files(name: str, config: Path | None, dry_run: bool, notes: list[str]):
-    """(config, zoo pretrain record or None) for NAME: the zoo's, or your config with the zoo pretrain when NAME is in
-    the zoo. Checks the name before your config file, and downloads nothing."""
-    from recnext_cli import zoo
-    from recnext_cli.errors import UnknownModelError
-
-    checked_name(name)
-    try:
-        record = zoo.get_checkpoint(name, pretrain=True)
-    except UnknownModelError:
-        if config is None:
-            raise
-        record = None
-    if config:
-        config = existing_file(config, "--config", dry_run, notes)
-        if record is None:
-            notes.append(f"{name!r} is not in the zoo: the backbone starts from what {config.name} itself says")
-    return config or zoo.config_path(name), record
 
 
 def train(
@@ -114,54 +82,13 @@ def train(
     batch and lr it uses. Checkpoints are written to a temporary name and renamed when complete, so --auto-resume after a killed job
     continues from the last complete one. Put NAME first: --cfg-options takes every word that follows it.
     """
-    from recnext_cli.errors import UsageError
-    from recnext_cli.runners.batch import BATCH_POLICIES
+    from recnext_cli.jobs import LaunchOptions
+    from recnext_cli.pipelines import run_train
 
-    if batch_policy not in BATCH_POLICIES:
-        raise UsageError(f"--batch-policy {batch_policy}: use one of {', '.join(BATCH_POLICIES)}")
-    if load_from and (resume_from or auto_resume):
-        raise UsageError(
-            "--load-from starts a new run from weights; --resume-from/--auto-resume continue one: pass one of them"
-        )
-    if resume_from and auto_resume:
-        raise UsageError(
-            "--resume-from and --auto-resume exclude each other: name a checkpoint, or let the work dir decide"
-        )
-    notes: list[str] = []
-    topology = launch_options(gpus, device, launcher, nnodes, node_rank, master_addr, master_port, partition, srun_args)
-    config_path, pretrain_record = model_files(name, config, dry_run, notes)
-    if resume_from:
-        resume_from = existing_file(resume_from, "--resume-from", dry_run, notes)
-    if load_from:
-        load_from = existing_file(load_from, "--load-from", dry_run, notes)
-    data_root = checked_dataset(data_root, "train", dry_run, notes)
-    topology = on_this_machine(topology, dry_run)
-    pretrain = fetched(pretrain_record, dry_run, notes).resolve() if pretrain_record else None
-    work_dir = (work_dir or Path("work_dirs") / name).resolve()
-    runner_args = [
-        str(config_path), "--data-root", str(data_root), "--device", topology.device,
-        "--work-dir", str(work_dir), "--seed", str(seed), "--batch-policy", batch_policy,
-    ]
-    runner_args += [flag for flag, on in (
-        ("--diff-seed", diff_seed), ("--deterministic", deterministic), ("--no-validate", no_validate)) if on]
-    if load_from:
-        runner_args += ["--load-from", str(load_from)]
-    if pretrain:
-        runner_args += ["--pretrain", str(pretrain)]
-    if resume_from:
-        runner_args += ["--resume-from", str(resume_from)]
-    if auto_resume:
-        runner_args.append("--auto-resume")
-    if cfg_options:
-        runner_args += ["--cfg-options", *cfg_options]
-    if dry_run:
-        notes.append(
-            f"the run writes its merged config to {work_dir / config_path.name} and its batch plan to "
-            f"{work_dir / 'batch.json'}; `recnext config {name} --gpus {gpus * nnodes}` (with the same --config, "
-            "--batch-policy and --cfg-options) prints that config now"
-        )
-    with tempfile.TemporaryDirectory(prefix="recnext-train-") as run_dir:
-        run_or_show("train", runner_args, topology, notes, dry_run, Path(run_dir), verbose=verbose,
-                    log_path=worker_log(work_dir, "train"))
-    if not dry_run:
-        typer.echo(f"checkpoints and logs (mmdet's *.log.json included) in {work_dir}", err=True)
+    launch = LaunchOptions(gpus, device, launcher, nnodes, node_rank, master_addr, master_port,
+                           partition, srun_args)
+    run_train(
+        name, launch, data_root=data_root, work_dir=work_dir, resume_from=resume_from, auto_resume=auto_resume,
+        seed=seed, diff_seed=diff_seed, deterministic=deterministic, load_from=load_from, no_validate=no_validate,
+        batch_policy=batch_policy, cfg_options=cfg_options, dry_run=dry_run, config=config, verbose=verbose,
+    )
