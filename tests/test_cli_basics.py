@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -63,6 +64,26 @@ def test_library_errors_become_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["error: no annotations/ in /data/coco [see the README]"]
+
+
+# The commands with --device, and the arguments each needs before it reads its options.
+DEVICE_COMMANDS = {"test": ["m3"], "train": ["m3"], "infer": ["m3", "x.png"], "bench latency": []}
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+def test_a_bad_device_is_one_line_and_exit_2_in_every_command(command):
+    arguments = [*command.split(), *DEVICE_COMMANDS[command], "--device", "tpu"]
+    proc = subprocess.run([sys.executable, "-m", "recnext_cli", *arguments], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --device 'tpu' is not one of cuda, cpu"]
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+def test_every_device_option_lists_its_choices(command):
+    result = CliRunner().invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "<cuda|cpu>" in result.output
 
 
 def _doctor(env_extra: dict | None = None, pythonpath: str | None = None):

@@ -1,13 +1,14 @@
-"""The options and arguments `recnext test`, `train`, `config` and `demo` share, and the parsing they need."""
+"""The options and arguments `recnext test`, `train`, `config`, `infer`, `bench` and `demo` share, and the parsing
+they need."""
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperCommand
-
 
 
 def expand_variadic(args: list[str], names: tuple[str, ...]) -> list[str]:
@@ -28,6 +29,35 @@ def expand_variadic(args: list[str], names: tuple[str, ...]) -> list[str]:
     return expanded
 
 
+# --device of `recnext test`, `train`, `infer` and `bench latency`.
+class Device(str, enum.Enum):
+    """Where a command runs the model: the values of --device, in the order its help lists them."""
+
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+def parse_device(value: str | Device) -> Device:
+    """--device's value as a Device; any other value is recnext's one-line usage error (exit 2), as the launcher's
+    checks are, rather than Typer's boxed usage message."""
+    from recnext_cli.errors import UsageError
+
+    try:
+        return Device(value)
+    except ValueError:
+        raise UsageError(f"--device {value!r} is not one of {', '.join(device.value for device in Device)}") from None
+
+
+def device_name(device: Device | None) -> str | None:
+    """The plain string the pipeline takes ("cuda", "cpu"), or None for "choose from this machine's GPUs"."""
+    return None if device is None else device.value
+
+
+DeviceOption = Annotated[Optional[Device], typer.Option(
+    "--device", parser=parse_device, help="cuda or cpu (default: cuda when a GPU is visible)", show_default=False,
+)]
+
+
 class VariadicCommand(TyperCommand):
     """Lets --eval and --cfg-options take several values, as mmdet's tools do; click options take one value each."""
 
@@ -37,13 +67,12 @@ class VariadicCommand(TyperCommand):
         return super().parse_args(ctx, expand_variadic(args, self.variadic))
 
 
-# Options `recnext train` shares.
+# Options `recnext test` and `train` share (`config` and `demo` some of them).
 Gpus = Annotated[int, typer.Option(
     "--gpus", help="Workers per node: GPUs, or with --device cpu the number of CPU worker processes (gloo).",
 )]
-Device = Annotated[Optional[str], typer.Option(
-    "--device", help="cuda or cpu (default: cuda when a GPU is visible)", show_default=False,
-)]
+
+
 DataRoot = Annotated[Path, typer.Option("--data-root", help="COCO 2017 root: holds annotations/, train2017/, val2017/.")]
 Launcher = Annotated[Optional[str], typer.Option(
     "--launcher", help="pytorch (torchrun), slurm (srun) or none (one plain process) "
@@ -71,7 +100,12 @@ Config = Annotated[Optional[Path], typer.Option(
     show_default=False,
 )]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the command and environment, start nothing.")]
-# Shared with `recnext train` and `recnext infer`.
+BatchPolicy = Annotated[str, typer.Option(
+    "--batch-policy", help="How to keep the recipe's images per optimizer step (16 for the published runs) with "
+    "your worker count: accumulate (sum the gradients of several iterations per step; the count must divide "
+    "it), linear-lr (one step per iteration, lr x actual/recipe batch, mmdet's auto_scale_lr) or as-configured.",
+)]
+# Shared by `recnext test`, `train` and `infer`.
 ModelName = Annotated[str, typer.Argument(
     help="Zoo model (m3, m4, m5, a3, a4, a5), or with --config a label of letters, digits, '.', '_', '+', '-'.",
 )]

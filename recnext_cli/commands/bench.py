@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from recnext_cli.commands import _options as opt
+
 if TYPE_CHECKING:
     from recnext_cli.bench import BenchResult
 
@@ -21,11 +23,6 @@ app = typer.Typer(
 class Part(str, enum.Enum):
     backbone = "backbone"
     detector = "detector"
-
-
-class Device(str, enum.Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Dtype(str, enum.Enum):
@@ -42,9 +39,7 @@ def latency(
     part: Part = typer.Option(
         Part.backbone, "--part", help="Time the backbone alone, or the whole Mask R-CNN (needs mmdet)."
     ),
-    device: Optional[Device] = typer.Option(
-        None, "--device", help="Where to run; default: cuda when torch sees a GPU, else cpu.", show_default=False
-    ),
+    device: opt.DeviceOption = None,
     input_size: str = typer.Option(
         "512x512", "--input", metavar="HxW", help="Input height x width, fed as is (no resize)."
     ),
@@ -105,7 +100,7 @@ def latency(
     models = resolve_models(names or [])
     config = BenchConfig(
         part=part.value,
-        device=device.value if device else _default_device(),
+        device=opt.device_name(device) or _default_device(),
         input_size=parse_input_size(input_size),
         batch=batch,
         fused=fused,

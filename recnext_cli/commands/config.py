@@ -9,8 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from recnext_cli.commands._options import CfgOptions, Config, DataRoot, Gpus, ModelName, Nnodes
-from recnext_cli.commands.train import BatchPolicy
+from recnext_cli.commands._options import BatchPolicy, CfgOptions, Config, DataRoot, Gpus, ModelName, Nnodes
 
 
 def config(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from recnext_cli.commands._options import DetectorCheckpoint
+from recnext_cli.commands import _options as opt
 
 if TYPE_CHECKING:
     from recnext_cli.pipelines import Drawings
@@ -22,7 +22,7 @@ def infer(
         help="Image files (PNG, JPEG, ...), folders (the images directly in them) or quoted glob patterns "
         "('photos/**/*.jpg').",
     )],
-    checkpoint: DetectorCheckpoint = None,
+    checkpoint: opt.DetectorCheckpoint = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help="Your mmdet config instead of the zoo model's (class names: checkpoint meta, else the config)",
         show_default=False,
@@ -31,9 +31,7 @@ def infer(
     score_thr: Annotated[float, typer.Option(
         "--score-thr", min=0.0, max=1.0, help="Keep detections scoring above this.",
     )] = 0.3,
-    device: Annotated[Optional[Literal["cpu", "cuda"]], typer.Option(
-        "--device", help="cuda or cpu (default: cuda when a GPU is visible)", show_default=False,
-    )] = None,
+    device: opt.DeviceOption = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the detections as JSON (schema recnext.infer; masks as COCO RLE) instead of a table.",
     )] = False,
@@ -46,7 +44,7 @@ def infer(
     from recnext_cli.pipelines import run_infer
 
     run = run_infer(name, images, checkpoint=checkpoint, config=config, out=out, score_thr=score_thr,
-                    device=device, on_error=print_error)
+                    device=opt.device_name(device), on_error=print_error)
     show_drawings(run, score_thr, as_json)
     if not run.complete:
         raise typer.Exit(2)

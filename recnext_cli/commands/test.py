@@ -7,31 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from recnext_cli.commands._options import (
-    CfgOptions,
-    Config,
-    DataRoot,
-    DetectorCheckpoint,
-    Device,
-    DryRun,
-    Gpus,
-    Launcher,
-    MasterAddr,
-    MasterPort,
-    ModelName,
-    Nnodes,
-    NodeRank,
-    Partition,
-    SrunArgs,
-    Verbose,
-)
+from recnext_cli.commands import _options as opt
 
 
 def test(
-    name: ModelName,
-    gpus: Gpus = 1,
-    data_root: DataRoot = Path("data/coco"),
-    checkpoint: DetectorCheckpoint = None,
+    name: opt.ModelName,
+    gpus: opt.Gpus = 1,
+    data_root: opt.DataRoot = Path("data/coco"),
+    checkpoint: opt.DetectorCheckpoint = None,
     metrics: Annotated[Optional[list[str]], typer.Option(
         "--eval", help="COCO metrics: bbox segm (also proposal, proposal_fast).  [default: bbox segm]",
         show_default=False,
@@ -52,20 +35,20 @@ def test(
     show_score_thr: Annotated[Optional[float], typer.Option(
         "--show-score-thr", help="Lowest score drawn with --show-dir.  [default: 0.3]", show_default=False,
     )] = None,
-    device: Device = None,
-    nnodes: Nnodes = 1,
-    node_rank: NodeRank = 0,
-    master_addr: MasterAddr = None,
-    master_port: MasterPort = None,
-    launcher: Launcher = None,
-    partition: Partition = None,
-    srun_args: SrunArgs = "",
-    cfg_options: CfgOptions = None,
+    device: opt.DeviceOption = None,
+    nnodes: opt.Nnodes = 1,
+    node_rank: opt.NodeRank = 0,
+    master_addr: opt.MasterAddr = None,
+    master_port: opt.MasterPort = None,
+    launcher: opt.Launcher = None,
+    partition: opt.Partition = None,
+    srun_args: opt.SrunArgs = "",
+    cfg_options: opt.CfgOptions = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Metrics JSON to write (default: work_dirs/NAME/test_result.json)", show_default=False,
     )] = None,
-    dry_run: DryRun = False,
-    config: Config = None,
+    dry_run: opt.DryRun = False,
+    config: opt.Config = None,
     fuse_conv_bn: Annotated[bool, typer.Option(
         "--fuse-conv-bn", help="Fold every BatchNorm into a neighbouring conv before testing, as mmdet's tools/test.py "
         "does, for speed: a RecNeXt backbone through its own fuse (which folds more than mmcv's fuse_conv_bn), the "
@@ -79,7 +62,7 @@ def test(
         "--evaluator", help="COCO metric implementation: pycocotools (mmdet's own) or faster (faster-coco-eval's "
         "C++ COCOeval: the same metrics, evaluation nearly twice as fast; see benchmarks/coco_eval.py).",
     )] = "pycocotools",
-    verbose: Verbose = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Evaluate NAME on COCO val2017 with --gpus workers (torchrun, Slurm or one process) and print its README row.
 
@@ -89,7 +72,7 @@ def test(
     from recnext_cli.jobs import LaunchOptions
     from recnext_cli.pipelines import run_test
 
-    launch = LaunchOptions(gpus, device, launcher, nnodes, node_rank, master_addr, master_port,
+    launch = LaunchOptions(gpus, opt.device_name(device), launcher, nnodes, node_rank, master_addr, master_port,
                            partition, srun_args)
     run_test(
         name, launch, data_root=data_root, checkpoint=checkpoint, metrics=metrics, eval_options=eval_options,

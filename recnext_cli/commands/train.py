@@ -7,35 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from recnext_cli.commands._options import (
-    CfgOptions,
-    Config,
-    DataRoot,
-    Device,
-    DryRun,
-    Gpus,
-    Launcher,
-    MasterAddr,
-    MasterPort,
-    ModelName,
-    Nnodes,
-    NodeRank,
-    Partition,
-    SrunArgs,
-    Verbose,
-)
-
-BatchPolicy = Annotated[str, typer.Option(
-    "--batch-policy", help="How to keep the recipe's images per optimizer step (16 for the published runs) with "
-    "your worker count: accumulate (sum the gradients of several iterations per step; the count must divide "
-    "it), linear-lr (one step per iteration, lr x actual/recipe batch, mmdet's auto_scale_lr) or as-configured.",
-)]
+from recnext_cli.commands import _options as opt
 
 
 def train(
-    name: ModelName,
-    gpus: Gpus = 1,
-    data_root: DataRoot = Path("data/coco"),
+    name: opt.ModelName,
+    gpus: opt.Gpus = 1,
+    data_root: opt.DataRoot = Path("data/coco"),
     work_dir: Annotated[Optional[Path], typer.Option(
         "--work-dir", help="Checkpoints, mmdet's .log and .log.json, config dump (default: work_dirs/NAME)",
         show_default=False,
@@ -60,19 +38,19 @@ def train(
     no_validate: Annotated[bool, typer.Option(
         "--no-validate", help="Do not evaluate on val2017 during training.",
     )] = False,
-    batch_policy: BatchPolicy = "accumulate",
-    device: Device = None,
-    nnodes: Nnodes = 1,
-    node_rank: NodeRank = 0,
-    master_addr: MasterAddr = None,
-    master_port: MasterPort = None,
-    launcher: Launcher = None,
-    partition: Partition = None,
-    srun_args: SrunArgs = "",
-    cfg_options: CfgOptions = None,
-    dry_run: DryRun = False,
-    config: Config = None,
-    verbose: Verbose = False,
+    batch_policy: opt.BatchPolicy = "accumulate",
+    device: opt.DeviceOption = None,
+    nnodes: opt.Nnodes = 1,
+    node_rank: opt.NodeRank = 0,
+    master_addr: opt.MasterAddr = None,
+    master_port: opt.MasterPort = None,
+    launcher: opt.Launcher = None,
+    partition: opt.Partition = None,
+    srun_args: opt.SrunArgs = "",
+    cfg_options: opt.CfgOptions = None,
+    dry_run: opt.DryRun = False,
+    config: opt.Config = None,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Train NAME's Mask R-CNN on COCO train2017 with --gpus workers (torchrun, Slurm or one process).
 
@@ -85,7 +63,7 @@ def train(
     from recnext_cli.jobs import LaunchOptions
     from recnext_cli.pipelines import run_train
 
-    launch = LaunchOptions(gpus, device, launcher, nnodes, node_rank, master_addr, master_port,
+    launch = LaunchOptions(gpus, opt.device_name(device), launcher, nnodes, node_rank, master_addr, master_port,
                            partition, srun_args)
     run_train(
         name, launch, data_root=data_root, work_dir=work_dir, resume_from=resume_from, auto_resume=auto_resume,
