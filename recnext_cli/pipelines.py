@@ -288,6 +288,7 @@ def run_infer(
     are still processed.
     """
     from recnext_cli import infer as library
+    from recnext_cli.drawing import draw, drawing_names, write_png
     from recnext_cli.errors import RecnextError, UsageError
 
     on_error = on_error or (lambda message: typer.echo(f"error: {message}", err=True))
@@ -305,7 +306,7 @@ def run_infer(
     for problem in unmatched:
         on_error(problem)
     drawn: list[tuple[library.ImageResult, Path]] = []
-    for image_path, file_name in zip(images, library.drawing_names(images)):
+    for image_path, file_name in zip(images, drawing_names(images)):
         try:
             image = library.load_image(image_path)
         except RecnextError as exc:
@@ -313,7 +314,7 @@ def run_infer(
             continue
         result = detector.detect(image, image_path, score_thr)
         drawing_path = out / file_name
-        library.write_png(library.draw(image, result.detections), drawing_path)
+        write_png(draw(image, result.detections), drawing_path)
         drawn.append((result, drawing_path))
     return Drawings(drawn, complete=len(drawn) == len(images) and not unmatched)
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from recnext_cli import drawing as paint
 from recnext_cli import infer
 from recnext_cli.errors import IntegrityError, UsageError
 from recnext_cli.infer import Detection
@@ -47,13 +48,13 @@ def test_draw_tints_masks_in_the_class_colour_and_leaves_the_rest_alone():
     mask = np.zeros((64, 96), dtype=bool)
     mask[30:50, 40:80] = True
     detections = [Detection(2, "triangle", 0.9, (38.0, 28.0, 82.0, 52.0), mask)]
-    drawing = np.asarray(infer.draw(image, detections), dtype=np.int32)
+    drawing = np.asarray(paint.draw(image, detections), dtype=np.int32)
     original = np.asarray(image, dtype=np.int32)
 
     assert drawing.shape == original.shape
     assert (np.asarray(image) == 100).all()  # the input is not drawn on
-    colour = np.array(infer.class_colour(2))
-    expected = (1 - infer.MASK_OPACITY) * 100 + infer.MASK_OPACITY * colour
+    colour = np.array(paint.class_colour(2))
+    expected = (1 - paint.MASK_OPACITY) * 100 + paint.MASK_OPACITY * colour
     # Inside the mask, away from the box outline: exactly the blend of image and class colour.
     assert np.abs(drawing[35:48, 42:78] - expected).max() <= 1
     # The box outline is in the class colour (its bottom edge, below the label).
@@ -66,21 +67,21 @@ def test_draw_tints_masks_in_the_class_colour_and_leaves_the_rest_alone():
 
 
 def test_each_class_gets_its_own_colour_and_box_only_detections_draw_no_mask():
-    assert len({infer.class_colour(class_id) for class_id in range(80)}) == 80
+    assert len({paint.class_colour(class_id) for class_id in range(80)}) == 80
     image = grey_image(128, 128)
     detections = [
         Detection(0, "rectangle", 0.8, (10.0, 60.0, 40.0, 90.0), None),
         Detection(1, "ellipse", 0.7, (70.0, 60.0, 100.0, 90.0), None),
     ]
-    drawing = np.asarray(infer.draw(image, detections))
-    assert tuple(drawing[90, 20]) == infer.class_colour(0)
-    assert tuple(drawing[90, 80]) == infer.class_colour(1)
-    assert infer.class_colour(0) != infer.class_colour(1)
+    drawing = np.asarray(paint.draw(image, detections))
+    assert tuple(drawing[90, 20]) == paint.class_colour(0)
+    assert tuple(drawing[90, 80]) == paint.class_colour(1)
+    assert paint.class_colour(0) != paint.class_colour(1)
     assert (drawing[70:85, 15:35] == 100).all()  # no mask: the inside of the box stays as it was
 
 
 def test_drawing_names_are_distinct_even_when_inputs_share_a_stem():
-    names = infer.drawing_names([Path("a/cat.jpg"), Path("b/cat.png"), Path("cat-2.jpg"), Path("dog.jpeg")])
+    names = paint.drawing_names([Path("a/cat.jpg"), Path("b/cat.png"), Path("cat-2.jpg"), Path("dog.jpeg")])
     assert names == ["cat.png", "cat-2.png", "cat-2-2.png", "dog.png"]
 
 
@@ -94,7 +95,7 @@ def test_write_png_leaves_no_partial_file_when_saving_fails(tmp_path, monkeypatc
 
     monkeypatch.setattr(Image.Image, "save", fail_halfway)
     with pytest.raises(OSError, match="disk full"):
-        infer.write_png(grey_image(), target)
+        paint.write_png(grey_image(), target)
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -108,7 +109,7 @@ def test_write_png_replaces_the_target_in_one_step(tmp_path, monkeypatch):
         assert target.read_bytes() == b"old", "the target changed before the new file was complete"
 
     monkeypatch.setattr(Image.Image, "save", save_checking_target)
-    infer.write_png(grey_image(), target)
+    paint.write_png(grey_image(), target)
     assert Image.open(target).size == (96, 64)
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
@@ -225,7 +226,7 @@ def test_drawn_detections_match_ground_truth_shapes(trained, shapes, tmp_path):
         untouched = np.ones((result.height, result.width), dtype=bool)
         for level in (0, 255):
             blank = Image.new("RGB", size, (level, level, level))
-            untouched &= (np.asarray(infer.draw(blank, outlines)) == level).all(axis=2)
+            untouched &= (np.asarray(paint.draw(blank, outlines)) == level).all(axis=2)
         others = [other.mask for other in result.detections if other is not detection and other.mask is not None]
         return detection.mask & untouched & ~np.logical_or.reduce([np.zeros_like(untouched), *others])
 
@@ -233,13 +234,13 @@ def test_drawn_detections_match_ground_truth_shapes(trained, shapes, tmp_path):
     fill = uncovered_fill(result, detection)
     assert fill.sum() >= 20, "every matched mask is hidden by boxes, labels or other masks"
     drawing_path = tmp_path / "drawn" / result.image_path.name
-    infer.write_png(infer.draw(infer.load_image(result.image_path), result.detections), drawing_path)
+    paint.write_png(paint.draw(infer.load_image(result.image_path), result.detections), drawing_path)
     drawing = np.asarray(Image.open(drawing_path).convert("RGB"), dtype=np.int32)
     original = np.asarray(Image.open(result.image_path).convert("RGB"), dtype=np.int32)
     assert drawing.shape == original.shape
     # There, the matched shape is exactly the blend of the image with its class colour, so closer to that colour.
-    colour = np.array(infer.class_colour(detection.class_id))
-    expected = (1 - infer.MASK_OPACITY) * original[fill] + infer.MASK_OPACITY * colour
+    colour = np.array(paint.class_colour(detection.class_id))
+    expected = (1 - paint.MASK_OPACITY) * original[fill] + paint.MASK_OPACITY * colour
     assert np.abs(drawing[fill] - expected).max() <= 1
     assert np.abs(drawing[fill] - colour).mean() < np.abs(original[fill] - colour).mean()
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
+from recnext_cli import drawing as paint
 from recnext_cli import infer
 from recnext_cli.pipelines import expand_images
 from recnext_cli.infer import Detection
@@ -89,30 +90,30 @@ def _text_pixels(patch: Image.Image, background: tuple[int, int, int]) -> int:
 def test_labels_on_a_64x64_image_stay_whole_inside_it(box):
     image = grey(64, 64)
     detection = Detection(2, "triangle", 0.97, box, None)
-    drawing = infer.draw(image, [detection])
-    colour = infer.class_colour(2)
-    patch = infer.label_patch("triangle", 0.97, colour, image.size)
-    x, y = infer.label_position(image.size, box, patch.size)
+    drawing = paint.draw(image, [detection])
+    colour = paint.class_colour(2)
+    patch = paint.label_patch("triangle", 0.97, colour, image.size)
+    x, y = paint.label_position(image.size, box, patch.size)
     assert 0 <= x and x + patch.width <= 64 and 0 <= y and y + patch.height <= 64
     # What is in the image there is the whole label, nothing cut off.
     assert np.array_equal(np.asarray(drawing.crop((x, y, x + patch.width, y + patch.height))), np.asarray(patch))
     # And the label holds all of its text: the same text drawn with room to spare has as many text pixels.
     font = ImageFont.load_default(size=10)
     roomy = Image.new("RGB", (200, 40), colour)
-    ImageDraw.Draw(roomy).text((5, 5), "triangle 0.97", fill=infer.text_colour(colour), font=font)
+    ImageDraw.Draw(roomy).text((5, 5), "triangle 0.97", fill=paint.text_colour(colour), font=font)
     assert _text_pixels(patch, colour) == _text_pixels(roomy, colour) > 50
 
 
 def test_a_label_too_long_for_a_small_image_is_shortened_and_keeps_its_score():
-    patch = infer.label_patch("a very long class name indeed", 0.5, infer.class_colour(0), (64, 64))
+    patch = paint.label_patch("a very long class name indeed", 0.5, paint.class_colour(0), (64, 64))
     assert patch.width <= 64 and patch.height >= 8
     # On a large image the same label is written out in full, in a bigger font.
-    large = infer.label_patch("a very long class name indeed", 0.5, infer.class_colour(0), (1280, 960))
+    large = paint.label_patch("a very long class name indeed", 0.5, paint.class_colour(0), (1280, 960))
     assert large.width > 200 and large.height > patch.height
 
 
 def test_label_text_contrasts_with_every_class_colour():
-    ratios = [infer.contrast_ratio(infer.text_colour(c), c) for c in map(infer.class_colour, range(80))]
+    ratios = [paint.contrast_ratio(paint.text_colour(c), c) for c in map(paint.class_colour, range(80))]
     # WCAG's 4.5:1 for normal text; black or white always reaches at least 4.58 against an opaque colour.
     assert min(ratios) >= 4.5
-    assert infer.contrast_ratio((0, 0, 0), (255, 255, 255)) == pytest.approx(21)
+    assert paint.contrast_ratio((0, 0, 0), (255, 255, 255)) == pytest.approx(21)

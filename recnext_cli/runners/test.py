@@ -120,7 +120,8 @@ def draw_predictions(dataset, outputs: list, classes, show_dir: Path, score_thr:
     import numpy as np
     import pycocotools.mask as mask_util
 
-    from recnext_cli.infer import Detection, draw, load_image, write_png
+    from recnext_cli.drawing import draw, write_png
+    from recnext_cli.infer import Detection, load_image
 
     for info, output in zip(dataset.data_infos, outputs):
         boxes_per_class, masks_per_class = output if isinstance(output, tuple) else (output, None)
