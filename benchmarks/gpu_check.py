@@ -60,10 +60,16 @@ SAMPLES_PER_GPU = 2  # the demo config's
 PARTS = ("backbone", "detector")
 STEPS = ("doctor", "ops", "train", "test", "bench")
 
-# Tolerances. Ops: as tests/test_ops_provider.py holds the provider to mmcv-full's kernels.
+# Tolerances. Ops: as tests/test_ops_provider.py holds the provider to mmcv-full's kernels (1e-5), scaled by the
+# largest CPU value where that is over 1: the GPU kernels add RoIAlign's gradients with atomics in another order than
+# the CPU's loop, and float32 sums differ by a few units in the last place of the sum (seen on an H100: gradients up
+# to 12.2 differ by 1.5e-5, a relative 1.2e-6).
 ROI_ALIGN_TOLERANCE = 1e-5
-# Test: GPU against CPU APs of the same checkpoint, in the README's points (mmdet's mAP x 100).
-AP_TOLERANCE = 0.1
+# Test: GPU against CPU APs of the same checkpoint, in the README's points (mmdet's mAP x 100). The briefly trained
+# model's masks have many pixels near mmdet's 0.5 threshold, and any other order of float sums flips some of them:
+# on an H100 its mask AP differed from the CPU's by 0.22 in one run and by 0.07 (TF32 off) or 0.00 (TF32 on) in
+# another, while box AP agreed within 0.06 every time.
+AP_TOLERANCE = {"bbox_mAP": 0.1, "segm_mAP": 0.5}
 # Bench: backbone features, max |diff| / max |eager|; fp32 as recnext_cli.fastpath promises, fp16 from its rounding.
 FP32_RELATIVE = 1e-4
 FP16_RELATIVE = 1e-2
@@ -430,11 +436,15 @@ def step_ops(check: Check) -> dict[str, Any]:
     if leaked:
         bad.append(f"the router sent {', '.join(f'{name} on {device}' for name, device in leaked)} to the "
                    "compiled kernels")
-    worst = max((case.get("max_abs", 0.0) for case in cases), default=0.0)
+    roi = [case for case in cases if case["op"] == "roi_align"]
+    worst = max((case["max_abs"] for case in roi), default=0.0)
+    # The largest difference as a share of its bound: at most 1 passes.
+    share = max((max(case["forward_max_abs"] / case["forward_bound"], case["backward_max_abs"] / case["backward_bound"])
+                 for case in roi), default=0.0)
     same_kept = all(case["ok"] for case in cases if case["op"] != "roi_align")
     summary = (f"{len(cases)} cases on {check.device} vs cpu through {', '.join(answer['paths'])}; RoIAlign max "
-               f"|diff| {worst:.1e} (tolerance {ROI_ALIGN_TOLERANCE:.0e}); NMS kept indices "
-               f"{'identical' if same_kept else 'DIFFER'}")
+               f"|diff| {worst:.1e}, at most {share:.2f} of its bound ({ROI_ALIGN_TOLERANCE:.0e} x max(1, max |cpu|)); "
+               f"NMS kept indices {'identical' if same_kept else 'DIFFER'}")
     status = "fail" if bad or published else "pass"
     return step_result("ops", status, time.monotonic() - started, summary, problems=bad + published, **answer)
 
@@ -502,9 +512,11 @@ def compare_ops(device: str, path: str) -> list[dict[str, Any]]:
         (out_cpu, grad_cpu), (out_dev, grad_dev) = answers
         forward = (out_cpu - out_dev).abs().max().item()
         backward = (grad_cpu - grad_dev).abs().max().item()
+        bounds = [ROI_ALIGN_TOLERANCE * max(1.0, reference.abs().max().item()) for reference in (out_cpu, grad_cpu)]
         cases.append({"path": path, "op": "roi_align", "case": f"{count} rois, {label}", "forward_max_abs": forward,
                       "backward_max_abs": backward, "max_abs": max(forward, backward),
-                      "ok": max(forward, backward) <= ROI_ALIGN_TOLERANCE})
+                      "forward_bound": bounds[0], "backward_bound": bounds[1],
+                      "ok": forward <= bounds[0] and backward <= bounds[1]})
     nms_calls = {
         ("nms", "3000 boxes, IoU 0.5"): (3000, lambda b, s, c: nms(b, s, 0.5)[1]),
         ("nms", "3000 boxes, IoU 0.7"): (3000, lambda b, s, c: nms(b, s, 0.7)[1]),
@@ -597,8 +609,8 @@ def step_train(check: Check) -> dict[str, Any]:
     return step_result("train", "pass" if finite else "fail", time.monotonic() - started, summary, **detail)
 
 
-def _test_run(check: Check, device: str, *flags: str) -> tuple[Outcome, dict[str, float] | None]:
-    label = "-".join(("test", device, *(flag.lstrip("-") for flag in flags)))
+def _test_run(check: Check, slug: str, device: str, flags: tuple[str, ...]) -> tuple[Outcome, dict[str, float] | None]:
+    label = f"test-{slug}"
     result = check.work / f"{label}.json"
     outcome = check.command(label, check.recnext(
         "test", RUN_NAME, "--verbose", "--config", str(check.site / DEMO_CONFIG), "--checkpoint",
@@ -615,11 +627,11 @@ def step_test(check: Check, trained: bool) -> dict[str, Any]:
         return step_result("test", status, 0, "no checkpoint: the train step did not run or did not pass")
     runs: dict[str, dict[str, float] | None] = {}
     # One process (--launcher none): mmcv's MMDataParallel and its Scatter on the device.
-    for label, device, flags in ((check.device, check.device, ()), ("cpu", "cpu", ()),
-                                 *((("fp16", "cuda", ("--fp16",)),) if check.device == "cuda" else ())):
-        if label in runs:  # the rehearsal's device is the CPU: one run serves both columns
-            continue
-        outcome, metrics = _test_run(check, device, *flags)
+    plan = [("cpu", "cpu", ())]  # the rehearsal's device is the CPU: one run serves both columns
+    if check.device == "cuda":
+        plan = [("cuda", "cuda", ()), ("fp16", "cuda", ("--fp16",)), *plan]
+    for label, device, flags in plan:
+        outcome, metrics = _test_run(check, label, device, flags)
         if outcome.returncode is None:
             return stopped("test", started, outcome, metrics=runs)
         if metrics is None:
@@ -627,13 +639,13 @@ def step_test(check: Check, trained: bool) -> dict[str, Any]:
                           metrics=runs)
         runs[label] = metrics
     device_metrics, cpu_metrics = runs[check.device], runs["cpu"]
-    deltas = {key: 100 * abs(device_metrics[key] - cpu_metrics[key]) for key in ("bbox_mAP", "segm_mAP")}
-    agree = all(delta <= AP_TOLERANCE for delta in deltas.values())
-    summary = (f"box AP {100 * device_metrics['bbox_mAP']:.1f} on {check.device} vs {100 * cpu_metrics['bbox_mAP']:.1f}"
-               f" on cpu, mask AP {100 * device_metrics['segm_mAP']:.1f} vs {100 * cpu_metrics['segm_mAP']:.1f} "
-               f"(largest difference {max(deltas.values()):.2f}, tolerance {AP_TOLERANCE})")
+    deltas = {key: 100 * abs(device_metrics[key] - cpu_metrics[key]) for key in AP_TOLERANCE}
+    agree = all(deltas[key] <= limit for key, limit in AP_TOLERANCE.items())
+    summary = (f"box AP {100 * device_metrics['bbox_mAP']:.2f} on {check.device} vs {100 * cpu_metrics['bbox_mAP']:.2f}"
+               f" on cpu (tolerance {AP_TOLERANCE['bbox_mAP']}), mask AP {100 * device_metrics['segm_mAP']:.2f} vs "
+               f"{100 * cpu_metrics['segm_mAP']:.2f} (tolerance {AP_TOLERANCE['segm_mAP']})")
     if "fp16" in runs:
-        summary += f"; --fp16 box AP {100 * runs['fp16']['bbox_mAP']:.1f}"
+        summary += f"; --fp16: box AP {100 * runs['fp16']['bbox_mAP']:.2f}, mask AP {100 * runs['fp16']['segm_mAP']:.2f}"
     return step_result("test", "pass" if agree else "fail", time.monotonic() - started, summary, metrics=runs,
                        ap_differences=deltas)
 
@@ -794,6 +806,10 @@ def probe_outputs(parts: list[str], device: str, input_size: str, models: list[s
             detector.roi_head.bbox_head.fc_cls.weight.mul_(CLASSIFIER_SCALE)
         return detector
 
+    # The fp32 promise is about the rewrites, so the eager reference and every variant run in strict fp32: PyTorch's
+    # default TF32 convolutions on Ampere and later GPUs differ from fp32 by about 3e-4 relative on their own.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     # Patched where build_runner looks them up: the module that defines it.
     bench_models.build_random_detector = detector_with_scores
     bench_models.count_flops = lambda fn: 0  # outputs only: skip the extra forward pass that counts FLOPs
@@ -852,10 +868,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {name}: {text}".replace("\n", "\n  ") for name, text in problems]
     if "ops" in steps and "paths" in steps["ops"]:
         lines += ["", f"## RoIAlign / NMS on {report['device_requested']} against the CPU", "",
-                  "| path | op | case | max abs diff (fwd / bwd) or kept boxes | ok |", "|---|---|---|---|---|"]
+                  "| path | op | case | max abs diff (fwd / bwd; bound) or kept boxes | ok |", "|---|---|---|---|---|"]
         for path in steps["ops"]["paths"].values():
             for case in path:
-                figure = (f"{case['forward_max_abs']:.1e} / {case['backward_max_abs']:.1e}" if case["op"] == "roi_align"
+                figure = (f"{case['forward_max_abs']:.1e} / {case['backward_max_abs']:.1e}; "
+                          f"{case.get('forward_bound', ROI_ALIGN_TOLERANCE):.1e} / "
+                          f"{case.get('backward_bound', ROI_ALIGN_TOLERANCE):.1e}" if case["op"] == "roi_align"
                           else f"{case['kept']} kept, identical: {case['ok']}")
                 lines.append(f"| {case['path']} | {case['op']} | {case['case']} | {figure} | {case['ok']} |")
     if "test" in steps and steps["test"].get("metrics"):

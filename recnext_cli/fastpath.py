@@ -126,8 +126,11 @@ def choose_fast_path(
     The rules come from single-process A/B timings of RecNeXt-M3/A3 on an AVX-512 Xeon (fp32, 1 and 2 threads):
     channels-last makes oneDNN's depthwise convolutions 2-3x faster than NCHW, and fusing GELU and the residual add
     into the 1x1 convolutions saves whole passes over the activations. Inductor does its own fusions, so compiled
-    models keep only the rewrites it can trace. On CUDA the rewrites are the ones every GPU library runs well
-    (folding, NHWC); they have not been timed on a GPU here. On a CPU a Mask R-CNN's heads are rewritten as well
+    models keep only the rewrites it can trace. On CUDA, from in-turn timings of RecNeXt-M3 on an H100 at batch 1
+    (benchmarks/cuda_fastpath.py; benchmarks/results/gpu/): launching kernels is most of an eager call, so folding
+    pays (1.36x over eager) and channels-last costs more layout work than it saves (1.19x with it); once a CUDA graph
+    has removed the launches (`compile`: torch.compile's "reduce-overhead" mode), the channels-last model runs in half
+    the NCHW one's time (5.5x over eager vs 2.7x). On a CPU a Mask R-CNN's heads are rewritten as well
     (`recnext_cli.fast_detector`, same detections): mmcv's CPU RoIAlign is a scalar loop on one thread, and mmdet
     pastes each mask with a dozen small operations.
     """
@@ -135,7 +138,7 @@ def choose_fast_path(
     if not fused:
         return PUBLISHED if not compile else dataclasses.replace(PUBLISHED, compile=True)
     if device.type == "cuda":
-        return FastPath(compile=compile)
+        return FastPath(channels_last=compile, compile=compile)
     onednn = torch.backends.mkldnn.is_available() and _onednn_runs(dtype)
     return FastPath(channels_last=onednn, onednn_fusion=onednn and not compile, compile=compile, detector_heads=True)
 

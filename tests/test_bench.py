@@ -103,6 +103,9 @@ def test_the_default_cpu_fast_path_is_the_fused_channels_last_one_and_says_so():
     assert "published" in PUBLISHED.describe()
     # Inductor cannot trace the oneDNN fusion kernels and fuses on its own.
     assert choose_fast_path("cpu", compile=True) == FastPath(compile=True, detector_heads=True)
+    # CUDA, as timed on an H100 (benchmarks/cuda_fastpath.py): NCHW in eager mode, channels-last in CUDA graphs.
+    assert choose_fast_path("cuda") == FastPath(channels_last=False)
+    assert choose_fast_path("cuda", compile=True) == FastPath(channels_last=True, compile=True)
     with pytest.raises(ValueError):
         FastPath(fold_batchnorm=False, onednn_fusion=True)
 
