@@ -47,29 +47,50 @@ ONE_STEP = ["runner.max_epochs=1", "data.train_dataloader.shuffle=False", "data.
             "optimizer.type=SGD", "optimizer.lr=1.0", "optimizer_config.grad_clip=None"]
 
 
-def _train_one_step(work_dir: Path, workers: int, root: Path, *overrides: str) -> tuple[dict, dict]:
-    """(weights after the run, its batch.json) of `recnext train` of the demo model with ONE_STEP's settings."""
+def _train_one_step(work_dir: Path, workers: int, root: Path, start: Path, *overrides: str) -> tuple[dict, dict]:
+    """(weights after the run, its batch.json) of `recnext train` of the demo model from the weights in `start`, with
+    ONE_STEP's settings; the run's log must say it loaded all of `start`, so `start` holds its weights before the step."""
     import torch
 
     from tests.conftest import TINY, recnext
 
     result = recnext("train", "tiny", "--config", str(TINY), "--device", "cpu", "--gpus", str(workers),
-                     "--data-root", str(root), "--work-dir", str(work_dir), "--no-validate",
+                     "--data-root", str(root), "--work-dir", str(work_dir), "--no-validate", "--load-from", str(start),
                      "--cfg-options", *ONE_STEP, *overrides)
     assert result.returncode == 0, result.stderr[-4000:]
+    (log,) = [path for path in work_dir.glob("*.log") if not path.name.startswith("train-workers-")]  # mmdet's
+    text = log.read_text()
+    # mmdet loads `load_from` after init_weights; mmcv loads it non-strictly and only warns about keys it could not.
+    assert f"load checkpoint from local path: {start.resolve()}" in text
+    assert "do not match exactly" not in text, text[text.index("do not match exactly") - 200:][:4000]
     state = torch.load(work_dir / "epoch_1.pth", map_location="cpu", weights_only=False)["state_dict"]
-    weights = {key: value for key, value in state.items() if value.is_floating_point() and "running" not in key}
-    return weights, json.loads((work_dir / "batch.json").read_text())
+    return _compared(state), json.loads((work_dir / "batch.json").read_text())
+
+
+def _compared(state: dict) -> dict:
+    """The weights the test compares: every floating-point tensor of `state` but BatchNorm's running statistics."""
+    return {key: value for key, value in state.items() if value.is_floating_point() and "running" not in key}
 
 
 @pytest.fixture(scope="module")
-def initial_weights(tmp_path_factory) -> dict:
-    """The demo model's weights before any step (the seed fixes them): a run with lr 0."""
+def initial_weights(tmp_path_factory) -> tuple[Path, dict]:
+    """(checkpoint, its weights) of the demo model as built and initialised, without training: where both runs start."""
     pytest.importorskip("mmdet", reason="needs the mmdet stack (make setup)")
-    from recnext_cli.synthetic import make_synthetic_coco
+    import torch
+    from mmcv import Config
+    from mmdet.models import build_detector
 
-    root = make_synthetic_coco(tmp_path_factory.mktemp("coco"), train_images=4, val_images=2).root
-    return _train_one_step(tmp_path_factory.mktemp("start"), 1, root, "optimizer.lr=0.0")[0]
+    import recnext_cli.models  # noqa: F401  (registers the RecNeXt backbones)
+    from tests.conftest import TINY
+
+    cfg = Config.fromfile(str(TINY))
+    torch.manual_seed(0)  # the same start on every run, so a failure reproduces
+    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    model.init_weights()
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("start") / "initial.pth"
+    torch.save({"meta": {}, "state_dict": state}, path)  # mmcv's checkpoint layout
+    return path, _compared(state)
 
 
 @pytest.mark.slow
@@ -98,13 +119,16 @@ def test_one_worker_accumulating_updates_the_weights_as_two_gloo_workers_do(
     ann_file.write_text(json.dumps(document))
 
     recipe = f"auto_scale_lr.base_batch_size={images}"
-    accumulated, accumulated_plan = _train_one_step(tmp_path / "one", 1, one_worker_root, recipe)
-    distributed, distributed_plan = _train_one_step(tmp_path / "two", 2, two_workers_root, recipe)
+    start, initial = initial_weights
+    accumulated, accumulated_plan = _train_one_step(tmp_path / "one", 1, one_worker_root, start, recipe)
+    distributed, distributed_plan = _train_one_step(tmp_path / "two", 2, two_workers_root, start, recipe)
 
     assert (accumulated_plan["workers"], accumulated_plan["accumulation"]) == (1, one_worker_steps)
     assert (distributed_plan["workers"], distributed_plan["accumulation"]) == (2, two_worker_steps)
     assert accumulated_plan["effective_batch"] == distributed_plan["effective_batch"] == images
-    update = max((distributed[key] - initial_weights[key]).abs().max().item() for key in distributed)
+    # Each weight compared came from the start checkpoint and each of its weights is compared: `initial` is the start.
+    assert accumulated.keys() == distributed.keys() == initial.keys()
+    update = max((distributed[key] - initial[key]).abs().max().item() for key in distributed)
     difference = max((accumulated[key] - distributed[key]).abs().max().item() for key in distributed)
     assert update > 1e-3  # the step moved the weights, so agreeing below means something
     assert difference < 1e-5, f"largest difference {difference} (largest update {update})"
