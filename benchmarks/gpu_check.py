@@ -103,7 +103,8 @@ SIZES = {
                  iters=2),
 }
 
-# Each latency variant once: the `recnext bench latency` flags and the same settings as BenchConfig fields.
+# Each latency variant: the BenchConfig fields that `recnext bench latency`'s flags set (--no-fused, --dtype fp16,
+# --compile), given to its own model builder.
 VARIANTS: dict[str, dict[str, Any]] = {
     "eager": {"fused": False},
     "fast path": {},
@@ -111,13 +112,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "CUDA graphs": {"compile": True},
 }
 CUDA_ONLY_VARIANTS = ("fp16", "CUDA graphs")
-
-
-def variant_flags(settings: dict[str, Any]) -> list[str]:
-    flags = [] if settings.get("fused", True) else ["--no-fused"]
-    if "dtype" in settings:
-        flags += ["--dtype", settings["dtype"]]
-    return flags + (["--compile"] if settings.get("compile") else [])
+# The rehearsal's timings only show that timing works; one thread keeps two of them (pytest-xdist) from slowing each
+# other down many times over, as oneDNN's threads spin while they wait for a core.
+CPU_THREADS = {"cuda": [], "cpu": ["--threads", "1"]}
 
 
 class Interrupted(Exception):
@@ -653,34 +650,41 @@ def step_test(check: Check, trained: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------- bench
 
 def step_bench(check: Check) -> dict[str, Any]:
+    """One `recnext bench latency` run (the CLI on this device, its default fast path), then every variant of both
+    parts timed in turns and compared with eager in one probe process per group: each process start imports torch
+    and mmdet again, and timings taken in turns in one process give ratios that a busy machine does not skew."""
     started = time.monotonic()
     sizes = check.sizes
-    rows: list[dict[str, Any]] = []
-    outputs: dict[str, Any] = {}
     skipped = [] if check.device == "cuda" else list(CUDA_ONLY_VARIANTS)
     variants = [name for name in VARIANTS if name not in skipped]
     fast = [name for name in variants if not VARIANTS[name].get("compile")]
     compiled = [name for name in variants if VARIANTS[name].get("compile")]
-    # Cheapest first, so that a deadline takes the compiled variants, which take minutes, and nothing else. The
-    # outputs of both parts are compared in one process: each process start imports torch and mmdet again.
-    jobs: list[tuple[str, tuple[str, ...], list[str]]] = [
-        ("latency", (part,), [name]) for part in PARTS for name in fast]
-    jobs.append(("outputs", PARTS, fast))
-    if compiled:
-        jobs += [("latency", (part,), compiled) for part in PARTS] + [("outputs", PARTS, compiled)]
-    problems, warnings, stopped_at = [], [], None
-    for kind, parts, names in jobs:
-        label = f"{kind}-{'-'.join(parts)}-{'-'.join(names).replace(' ', '_')}"
-        if kind == "latency":
-            argv = check.recnext("bench", "latency", *sizes.bench_models, "--part", parts[0], "--device",
-                                 check.device, "--input", sizes.bench_input, "--warmup", str(sizes.warmup),
-                                 "--iters", str(sizes.iters), "--json", *variant_flags(VARIANTS[names[0]]))
+    # Cheapest first, so that a deadline takes the compiled variants, which take minutes, and nothing else.
+    groups = [fast] + ([["eager", *compiled]] if compiled else [])
+    rows: list[dict[str, Any]] = []
+    problems, warnings, stopped_at, cli = [], [], None, None
+    try:
+        outcome = check.command("latency-cli", check.recnext(
+            "bench", "latency", *sizes.bench_models, "--part", "backbone", "--device", check.device, "--input",
+            sizes.bench_input, "--warmup", str(sizes.warmup), "--iters", str(sizes.iters), "--json",
+            *CPU_THREADS[check.device]), 180)
+        if outcome.returncode is None:
+            stopped_at = "latency-cli"
+        elif not outcome.ok:
+            problems.append(f"recnext bench latency: exit {outcome.returncode}: {outcome.tail(3)}")
         else:
-            argv = check.python(str(THIS), "probe-outputs", "--parts", *parts, "--device", check.device, "--input",
-                                sizes.bench_input, "--models", *sizes.bench_models, "--variants",
-                                *dict.fromkeys(["eager", *names]))
+            document = json.loads(outcome.stdout)  # a recnext.bench document
+            cli = [{key: row.get(key) for key in ("model", "median_ms", "p10_ms", "p90_ms", "fast_path", "gflops")}
+                   for row in document["rows"]]
+    except DeadlineReached:
+        stopped_at = "latency-cli"
+    for group in groups:
+        label = "bench-" + "-".join(group).replace(" ", "_")
+        argv = check.python(str(THIS), "probe-bench", "--parts", *PARTS, "--device", check.device, "--input",
+                            sizes.bench_input, "--models", *sizes.bench_models, "--variants", *group, "--warmup",
+                            str(sizes.warmup), "--iters", str(sizes.iters))
         try:
-            outcome = check.command(label, argv, 420 if compiled and names == compiled else 180)
+            outcome = check.command(label, argv, 420 if group is not fast else 240)
         except DeadlineReached:
             stopped_at = stopped_at or label
             continue
@@ -690,32 +694,25 @@ def step_bench(check: Check) -> dict[str, Any]:
         if not outcome.ok:
             problems.append(f"{label}: exit {outcome.returncode}: {outcome.tail(3)}")
             continue
-        if kind == "latency":
-            for result in json.loads(outcome.stdout)["rows"]:  # a recnext.bench document
-                rows.append({"model": result["model"], "part": parts[0], "variant": names[0],
-                             "median_ms": result["median_ms"], "p10_ms": result["p10_ms"], "p90_ms": result["p90_ms"],
-                             "fast_path": result.get("fast_path"), "gflops": result.get("gflops")})
-        else:
-            answer = json.loads(outcome.stdout.strip().splitlines()[-1])
-            for part, model, variant, comparison in (
-                    (part, model, variant, comparison) for part, per_model in answer.items()
-                    for model, per_variant in per_model.items() for variant, comparison in per_variant.items()):
-                outputs.setdefault(part, {}).setdefault(model, {})[variant] = comparison
-                if comparison["verdict"] == "differ":
-                    (warnings if variant == "fp16" else problems).append(
-                        f"{model} {part} {variant}: outputs differ from eager ({comparison['measure']})")
-                elif comparison["verdict"] != "equal":
-                    warnings.append(f"{model} {part} {variant}: {comparison['verdict']} ({comparison['measure']})")
-    eager = {(row["model"], row["part"]): row["median_ms"] for row in rows if row["variant"] == "eager"}
-    for row in rows:
-        base = eager.get((row["model"], row["part"]))
-        row["speedup_vs_eager"] = base / row["median_ms"] if base else None
-        row["outputs"] = outputs.get(row["part"], {}).get(row["model"], {}).get(row["variant"])
-    detail = {"input": sizes.bench_input, "warmup": sizes.warmup, "iters": sizes.iters, "rows": rows,
+        for row in json.loads(outcome.stdout.strip().splitlines()[-1]):
+            if row["variant"] == "eager" and group is not fast:
+                continue  # the compiled group's own baseline: its ratio is in the compiled rows
+            rows.append(row)
+            comparison = row["outputs"]
+            if comparison is None:
+                continue
+            where = f"{row['model']} {row['part']} {row['variant']}"
+            if comparison["verdict"] == "differ":
+                (warnings if row["variant"] == "fp16" else problems).append(
+                    f"{where}: outputs differ from eager ({comparison['measure']})")
+            elif comparison["verdict"] != "equal":
+                warnings.append(f"{where}: {comparison['verdict']} ({comparison['measure']})")
+    detail = {"input": sizes.bench_input, "warmup": sizes.warmup, "iters": sizes.iters, "rows": rows, "cli": cli,
               "skipped_variants": [f"{name}: CUDA only" for name in skipped], "problems": problems,
               "warnings": warnings}
+    compared = sum(row["outputs"] is not None for row in rows)
     summary = (f"{len(rows)} timings of {', '.join(sizes.bench_models)} ({', '.join(variants)}), outputs compared for "
-               f"{sum(len(v) for p in outputs.values() for v in p.values())} variant(s)")
+               f"{compared} variant(s); `recnext bench latency` {'ran' if cli else 'did not finish'}")
     if problems:
         return step_result("bench", "fail", time.monotonic() - started, summary + f"; {len(problems)} problem(s)",
                            **detail)
@@ -788,9 +785,10 @@ def compare_detections(reference, outputs, precision: str) -> dict[str, Any]:
             f"{box_px:.2g} px, scores {score:.1e}, mask IoU >= {mask_iou:.3f}"}
 
 
-def probe_outputs(parts: list[str], device: str, input_size: str, models: list[str], variants: list[str]) -> dict:
-    """Each variant's outputs against the first one's (eager), by part and model, each model built by
-    `recnext bench latency`'s own builder with the settings its flags give."""
+def probe_bench(parts: list[str], device: str, input_size: str, models: list[str], variants: list[str],
+                warmup: int, iters: int) -> list[dict[str, Any]]:
+    """Each variant of each part and model built by `recnext bench latency`'s own builder with the settings its flags
+    give, its outputs compared with the first variant's (eager) in strict fp32, then all of them timed in turns."""
     import torch
 
     from recnext_cli import bench
@@ -806,34 +804,56 @@ def probe_outputs(parts: list[str], device: str, input_size: str, models: list[s
             detector.roi_head.bbox_head.fc_cls.weight.mul_(CLASSIFIER_SCALE)
         return detector
 
-    # The fp32 promise is about the rewrites, so the eager reference and every variant run in strict fp32: PyTorch's
-    # default TF32 convolutions on Ampere and later GPUs differ from fp32 by about 3e-4 relative on their own.
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    # Patched where build_runner looks them up: the module that defines it.
+    # Patched where build_runner looks it up: the module that defines it.
     bench_models.build_random_detector = detector_with_scores
-    bench_models.count_flops = lambda fn: 0  # outputs only: skip the extra forward pass that counts FLOPs
-    answer: dict[str, dict[str, dict[str, Any]]] = {}
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if not device.startswith("cuda"):
+        torch.set_num_threads(1)  # as CPU_THREADS says
+    default_tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    rows = []
     for part, model in ((part, model) for part in parts for model in models):
         base = bench.BenchConfig(part=part, device=device, input_size=bench.parse_input_size(input_size), warmup=0,
                                  iters=1)
         compare = compare_detections if part == "detector" else compare_features
-        reference = None
-        for variant in variants:
-            runner = bench.build_runner(model, dataclasses.replace(base, **VARIANTS[variant]))
-            with torch.inference_mode():
-                for _ in range(bench.untimed_calls(runner.fast_path, runner.device, 0)):
+        runners = {variant: bench.build_runner(model, dataclasses.replace(base, **VARIANTS[variant]), with_flops=False)
+                   for variant in variants}
+        outputs: dict[str, Any] = {}
+        with torch.inference_mode():
+            # The fp32 promise is about the rewrites, so outputs are compared in strict fp32: PyTorch's default TF32
+            # convolutions on Ampere and later GPUs differ from fp32 by about 3e-4 relative on their own.
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            # One call each, before any warm-up: a CUDA-graph variant (torch.compile "reduce-overhead") compiles and
+            # runs its code on its first call and records its graph on the second, which the warm-up below then does
+            # with TF32 at its default, as users run it.
+            for variant, runner in runners.items():
+                answer = _detached(runner.run())
+                reference = outputs.setdefault(variants[0], answer)
+                if variant != variants[0]:
+                    outputs[variant] = compare(reference, answer, VARIANTS[variant].get("dtype", "fp32"))
+            # Timed as users run it.
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = default_tf32
+            times: dict[str, list[float]] = {variant: [] for variant in runners}
+            for round_ in range(max(warmup, max(bench.untimed_calls(r.fast_path, r.device, 0) for r in runners.values()))
+                                + iters):
+                for variant, runner in runners.items():
+                    synchronize()
+                    start = time.perf_counter()
                     runner.run()
-                outputs = _detached(runner.run())
-            del runner
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            if reference is None:
-                reference = outputs
-                continue
-            precision = VARIANTS[variant].get("dtype", "fp32")
-            answer.setdefault(part, {}).setdefault(model, {})[variant] = compare(reference, outputs, precision)
-    return answer
+                    synchronize()
+                    if round_ >= warmup:
+                        times[variant].append(time.perf_counter() - start)
+        for variant, durations in times.items():
+            stats = bench.latency_stats(durations[-iters:])
+            baseline = times[variants[0]][-iters:]
+            rows.append({"model": model, "part": part, "variant": variant, "median_ms": stats.median_ms,
+                         "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms,
+                         "speedup_vs_eager": statistics.median(b / d for b, d in zip(baseline, durations[-iters:])),
+                         "fast_path": runners[variant].fast_path.describe(),
+                         "outputs": None if variant == variants[0] else outputs[variant]})
+        del runners
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------------ report
@@ -886,8 +906,8 @@ def markdown(report: dict[str, Any]) -> str:
                                              for m in runs.values()) + " |" for key in keys]
     if "bench" in steps and steps["bench"].get("rows"):
         bench = steps["bench"]
-        lines += ["", f"## `recnext bench latency`, {bench['input']}, batch 1, {bench['warmup']} warm-up + "
-                  f"{bench['iters']} timed calls", "",
+        lines += ["", f"## Latency, {bench['input']}, batch 1, {bench['warmup']} warm-up + {bench['iters']} timed "
+                  "rounds, variants in turns in one process (`recnext bench latency`'s builder)", "",
                   "| model | part | variant | median ms | p10 | p90 | vs eager | outputs vs eager |",
                   "|---|---|---|---:|---:|---:|---:|---|"]
         for row in bench["rows"]:
@@ -897,6 +917,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{outputs['verdict']}: {outputs['measure']}" if outputs else "not compared")
             lines.append(f"| {row['model']} | {row['part']} | {row['variant']} | {_ms(row['median_ms'])} | "
                          f"{_ms(row['p10_ms'])} | {_ms(row['p90_ms'])} | {speedup} | {compared} |")
+        for row in bench.get("cli") or []:
+            lines += ["", f"`recnext bench latency {row['model']} --part backbone` (its default fast path: "
+                      f"{row['fast_path']}): median {_ms(row['median_ms'])} ms, p10 {_ms(row['p10_ms'])}, "
+                      f"p90 {_ms(row['p90_ms'])}."]
         if bench["skipped_variants"]:
             lines += ["", "Skipped: " + "; ".join(bench["skipped_variants"]) + "."]
     return "\n".join(lines) + "\n"
@@ -1029,12 +1053,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     fill.add_argument("--dest", type=Path, default=REPO / ".whl")
     ops = commands.add_parser("probe-ops", help="(internal) ops on a device against the CPU, as JSON")
     ops.add_argument("--device", required=True)
-    outputs = commands.add_parser("probe-outputs", help="(internal) bench variants' outputs against eager, as JSON")
-    outputs.add_argument("--parts", nargs="+", choices=PARTS, required=True)
-    outputs.add_argument("--device", required=True)
-    outputs.add_argument("--input", required=True)
-    outputs.add_argument("--models", nargs="+", required=True)
-    outputs.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), required=True)
+    probe = commands.add_parser("probe-bench", help="(internal) bench variants timed in turns and their outputs "
+                                "compared with eager's, as JSON")
+    probe.add_argument("--parts", nargs="+", choices=PARTS, required=True)
+    probe.add_argument("--device", required=True)
+    probe.add_argument("--input", required=True)
+    probe.add_argument("--models", nargs="+", required=True)
+    probe.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), required=True, help="the first is the baseline")
+    probe.add_argument("--warmup", type=int, required=True)
+    probe.add_argument("--iters", type=int, required=True)
     args = parser.parse_args(argv)
     if args.command == "run":
         args.steps = [step.strip() for step in args.steps.split(",") if step.strip()]
@@ -1055,7 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "probe-ops":
         answer = probe_ops(args.device)
     else:
-        answer = probe_outputs(args.parts, args.device, args.input, args.models, args.variants)
+        answer = probe_bench(args.parts, args.device, args.input, args.models, args.variants, args.warmup, args.iters)
     print(json.dumps(answer))
     return 0
 

@@ -95,6 +95,10 @@ def test_the_rehearsal_runs_every_step_and_reports_it(tmp_path):
     detector = next(r["outputs"] for r in bench["rows"] if (r["part"], r["variant"]) == ("detector", "fast path"))
     assert detector["detections"] > 0 and detector["min_mask_iou"] >= 0.99
     assert bench["skipped_variants"] == ["fp16: CUDA only", "CUDA graphs: CUDA only"]
+    # The CLI itself ran once on the device, with its default fast path.
+    (cli,) = bench["cli"]
+    assert cli["model"] == "m3" and 0 < cli["p10_ms"] <= cli["median_ms"] <= cli["p90_ms"]
+    assert "BatchNorm folded" in cli["fast_path"]
 
     text = (tmp_path / "out" / "gpu_check.md").read_text()
     assert text.startswith("# recnext GPU check: PASS")
