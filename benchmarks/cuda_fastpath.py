@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from recnext_cli.bench import latency_stats, parse_input_size
+from recnext_cli.bench import latency_stats, parse_input_size, speedup_in_turns, time_in_turns
 from recnext_cli.bench.models import random_backbone
 from recnext_cli.fastpath import FastPath, prepare_for_inference, prepare_input
 
@@ -117,24 +116,13 @@ def time_phase(name: str, labels: list[str], args, images, device, deadline: flo
             errors[label] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             print(f"  {name} {label}: {errors[label]}", flush=True)
             runs.pop(label, None)
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for round_ in range(args.warmup + args.rounds):
-        if time.monotonic() > deadline:
-            break
-        for label, run in list(runs.items()):
-            try:
-                sync()
-                start = time.perf_counter()
-                run()
-                sync()
-            except Exception as error:  # noqa: BLE001
-                errors[label] = f"{type(error).__name__} while timing: {error}".splitlines()[0][:300]
-                print(f"  {name} {label}: {errors[label]}", flush=True)
-                del runs[label]
-                continue
-            if round_ >= args.warmup:
-                times[label].append(time.perf_counter() - start)
-    return times
+
+    def failed(label: str, error: Exception) -> None:
+        errors[label] = f"{type(error).__name__} while timing: {error}".splitlines()[0][:300]
+        print(f"  {name} {label}: {errors[label]}", flush=True)
+
+    return time_in_turns(runs, warmup=args.warmup, rounds=args.rounds, synchronize=sync,
+                         keep_going=lambda: time.monotonic() <= deadline, on_error=failed)
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, deadline: float) -> dict:
@@ -157,7 +145,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, deadl
                 key = label if phase == 0 or label != "eager" else "eager (CUDA-graph phase)"
                 variants[key] = {"median_ms": stats.median_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms,
                                  "rounds": len(durations),
-                                 "speedup": statistics.median(b / d for b, d in zip(times["eager"], durations)),
+                                 "speedup": speedup_in_turns(times["eager"], durations),
                                  "relative_difference": differences.get(label, {})}
     equal = {label: d["strict_fp32"] <= TOLERANCE for label, d in differences.items() if "strict_fp32" in d}
     return {"model": name, "variants": variants, "errors": errors, "fp32_equal_in_strict_fp32": equal}

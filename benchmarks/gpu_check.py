@@ -832,22 +832,14 @@ def probe_bench(parts: list[str], device: str, input_size: str, models: list[str
                     outputs[variant] = compare(reference, answer, VARIANTS[variant].get("dtype", "fp32"))
             # Timed as users run it.
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = default_tf32
-            times: dict[str, list[float]] = {variant: [] for variant in runners}
-            for round_ in range(max(warmup, max(bench.untimed_calls(r.fast_path, r.device, 0) for r in runners.values()))
-                                + iters):
-                for variant, runner in runners.items():
-                    synchronize()
-                    start = time.perf_counter()
-                    runner.run()
-                    synchronize()
-                    if round_ >= warmup:
-                        times[variant].append(time.perf_counter() - start)
+            untimed = max(bench.untimed_calls(runner.fast_path, runner.device, warmup) for runner in runners.values())
+            times = bench.time_in_turns({variant: runner.run for variant, runner in runners.items()}, warmup=untimed,
+                                        rounds=iters, synchronize=synchronize)
         for variant, durations in times.items():
-            stats = bench.latency_stats(durations[-iters:])
-            baseline = times[variants[0]][-iters:]
+            stats = bench.latency_stats(durations)
             rows.append({"model": model, "part": part, "variant": variant, "median_ms": stats.median_ms,
                          "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms,
-                         "speedup_vs_eager": statistics.median(b / d for b, d in zip(baseline, durations[-iters:])),
+                         "speedup_vs_eager": bench.speedup_in_turns(times[variants[0]], durations),
                          "fast_path": runners[variant].fast_path.describe(),
                          "outputs": None if variant == variants[0] else outputs[variant]})
         del runners

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +26,8 @@ from recnext_cli.bench import (
     latency_stats,
     machine_info,
     parse_input_size,
+    speedup_in_turns,
+    time_in_turns,
     torch_threads,
     write_result,
 )
@@ -50,18 +50,11 @@ def bench_model(name: str, base: BenchConfig, rounds: int, with_bf16: bool) -> d
     if with_bf16:
         configs[BF16] = dataclasses.replace(base, dtype="bf16")
     runners = {label: build_runner(name, config) for label, config in configs.items()}
-    times: dict[str, list[float]] = {label: [] for label in runners}
     with torch.inference_mode():
         expected = runners[PUBLISHED].run()
         errors = {label: relative_error(runner.run(), expected) for label, runner in runners.items()}
-        for runner in runners.values():
-            for _ in range(base.warmup):
-                runner.run()
-        for _ in range(rounds):
-            for label, runner in runners.items():
-                start = time.perf_counter()
-                runner.run()
-                times[label].append(time.perf_counter() - start)
+        times = time_in_turns({label: runner.run for label, runner in runners.items()}, warmup=base.warmup,
+                              rounds=rounds)
     variants = {}
     for label, durations in times.items():
         stats = latency_stats(durations)
@@ -71,14 +64,14 @@ def bench_model(name: str, base: BenchConfig, rounds: int, with_bf16: bool) -> d
             "median_ms": stats.median_ms,
             "p10_ms": stats.p10_ms,
             "p90_ms": stats.p90_ms,
-            "speedup": statistics.median(b / d for b, d in zip(times[PUBLISHED], durations)),
+            "speedup": speedup_in_turns(times[PUBLISHED], durations),
             "max_relative_difference": errors[label],
         }
     record = {"model": name, "variants": variants}
     record["fp32_outputs_equal"] = errors[FAST_PATH] <= TOLERANCE
     record["goal_met"] = record["fp32_outputs_equal"] and variants[FAST_PATH]["speedup"] >= GOAL_SPEEDUP
     if with_bf16:
-        bf16_over_fp32 = statistics.median(f / b for f, b in zip(times[FAST_PATH], times[BF16]))
+        bf16_over_fp32 = speedup_in_turns(times[FAST_PATH], times[BF16])
         record["bf16_over_fp32"] = bf16_over_fp32
         record["bf16_goal_met"] = bf16_over_fp32 >= GOAL_BF16_OVER_FP32
     return record

@@ -27,7 +27,9 @@ from recnext_cli.bench import (
     percentile,
     plot_ap_vs_latency,
     random_backbone,
+    speedup_in_turns,
     time_calls,
+    time_in_turns,
     untimed_calls,
     write_result,
 )
@@ -219,6 +221,36 @@ def test_time_calls_and_statistics_on_a_fake_clock():
     assert stats.iters == 10
     ms = np.array(durations) * 1000
     assert [stats.p10_ms, stats.median_ms, stats.p90_ms] == pytest.approx(list(np.percentile(ms, [10, 50, 90])))
+
+
+def test_time_in_turns_calls_each_run_once_a_round_and_ratios_pair_rounds():
+    order = []
+    clock = _fake_clock([0.010, 0.030, 0.020, 0.040, 0.010, 0.020])  # a, b per timed round
+    measured = time_in_turns({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=1, rounds=3,
+                             clock=clock)
+    assert order == ["a", "b"] * 4  # the warm-up round is not timed, so the fake clock is not read there...
+    assert measured["a"] == pytest.approx([0.010, 0.020, 0.010]) and measured["b"] == pytest.approx([0.030, 0.040,
+                                                                                                     0.020])
+    # ...and each ratio pairs one round's two calls: 1/3, 1/2, 1/2.
+    assert speedup_in_turns(measured["a"], measured["b"]) == pytest.approx(0.5)
+
+
+def test_time_in_turns_drops_a_failing_run_when_asked_and_stops_at_the_deadline():
+    calls = {"good": 0, "bad": 0}
+
+    def bad():
+        calls["bad"] += 1
+        raise RuntimeError("no kernel")
+
+    failures = []
+    rounds_left = iter([True, True, True, False])
+    measured = time_in_turns({"good": lambda: calls.__setitem__("good", calls["good"] + 1), "bad": bad}, warmup=0,
+                             rounds=10, keep_going=lambda: next(rounds_left),
+                             on_error=lambda label, error: failures.append((label, str(error))))
+    assert calls == {"good": 3, "bad": 1} and len(measured["good"]) == 3 and measured["bad"] == []
+    assert failures == [("bad", "no kernel")]
+    with pytest.raises(RuntimeError, match="no kernel"):
+        time_in_turns({"bad": bad}, warmup=0, rounds=1)
 
 
 def test_percentile_edges():

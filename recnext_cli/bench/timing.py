@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,50 @@ def time_calls(
         synchronize()
         durations.append(clock() - start)
     return durations
+
+
+def time_in_turns(
+    runs: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int,
+    rounds: int,
+    clock: Callable[[], float] = time.perf_counter,
+    synchronize: Callable[[], None] = lambda: None,
+    keep_going: Callable[[], bool] = lambda: True,
+    on_error: Callable[[str, Exception], None] | None = None,
+) -> dict[str, list[float]]:
+    """Call every run once per round, in turns: `warmup` rounds untimed, then `rounds` timed; {label: durations in s}.
+
+    In turns, a slow spell of the machine slows every variant alike, so per-round ratios (`speedup_in_turns`) hold
+    where separate runs would not. `keep_going` is asked before each round (a deadline). With `on_error`, a run that
+    raises is reported there and dropped while the others go on; without it, the error propagates.
+    """
+    active = dict(runs)
+    durations: dict[str, list[float]] = {label: [] for label in runs}
+    for round_ in range(warmup + rounds):
+        if not keep_going():
+            break
+        timed = round_ >= warmup
+        for label, run in list(active.items()):
+            try:
+                synchronize()
+                start = clock() if timed else 0.0
+                run()
+                synchronize()
+            except Exception as error:
+                if on_error is None:
+                    raise
+                on_error(label, error)
+                del active[label]
+                continue
+            if timed:
+                durations[label].append(clock() - start)
+    return durations
+
+
+def speedup_in_turns(baseline_s: Sequence[float], durations_s: Sequence[float]) -> float:
+    """The median over rounds of baseline time / variant time, both taken in the same round (`time_in_turns`)."""
+    return statistics.median(base / duration for base, duration in zip(baseline_s, durations_s))
 
 
 def untimed_calls(fast_path, device, warmup: int) -> int:
