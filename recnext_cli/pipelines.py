@@ -277,10 +277,10 @@ def run_infer(
     *,
     checkpoint: Path | None = None,
     config: Path | None = None,
-    out: Path = Path("recnext_infer"),
-    score_thr: float = 0.3,
-    device: str | None = None,
-    on_error: Callable[[str], None] | None = None,
+    out: Path,
+    score_thr: float,
+    device: str | None,
+    on_error: Callable[[str], None],
 ) -> Drawings:
     """Run NAME on each image (files, folders, glob patterns) and write OUT/<image>.png with its detections drawn.
 
@@ -291,7 +291,6 @@ def run_infer(
     from recnext_cli.drawing import draw, drawing_names, write_png
     from recnext_cli.errors import RecnextError, UsageError
 
-    on_error = on_error or (lambda message: typer.echo(f"error: {message}", err=True))
     config_path, checkpoint = model_files(name, config, checkpoint, dry_run=False, notes=[])
     given, (images, unmatched) = images, expand_images(images)
     # Before anything is downloaded or built: a run with no image to read would do all that for nothing.

@@ -29,7 +29,7 @@ def demo(
     """
     from rich.console import Console
 
-    from recnext_cli.commands.infer import print_error, show_drawings
+    from recnext_cli.commands.infer import SCORE_THR, print_error, report_drawings
     from recnext_cli.jobs import LaunchOptions
     from recnext_cli.pipelines import run_infer, run_test, run_train
     from recnext_cli.synthetic import DEFAULT_CLASSES, make_synthetic_coco
@@ -57,10 +57,7 @@ def demo(
              out=out / "test_result.json", verbose=verbose)
     console.rule("4/4 drawing detections")
     image = sorted((data_root / "val2017").glob("*.png"))[0]
-    score_thr = 0.3
     drawings = run_infer(DEMO_NAME, [image], checkpoint=work_dir / "latest.pth", config=demo_config,
-                         out=out / "drawings", score_thr=score_thr, device="cpu", on_error=print_error)
-    show_drawings(drawings, score_thr, as_json=False)
-    if not drawings.complete:
-        raise typer.Exit(2)
+                         out=out / "drawings", score_thr=SCORE_THR, device="cpu", on_error=print_error)
+    report_drawings(drawings, SCORE_THR, as_json=False)
     console.print(f"demo finished in {time.monotonic() - started:.0f}s; drawing: {out / 'drawings' / (image.stem + '.png')}")

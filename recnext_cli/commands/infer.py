@@ -12,6 +12,9 @@ from recnext_cli.commands import _options as opt
 if TYPE_CHECKING:
     from recnext_cli.pipelines import Drawings
 
+# --score-thr's default; `recnext demo` draws with it too.
+SCORE_THR = 0.3
+
 
 def infer(
     name: Annotated[str, typer.Argument(
@@ -30,7 +33,7 @@ def infer(
     out: Annotated[Path, typer.Option("--out", help="Folder for the drawings, one PNG per image.")] = Path("recnext_infer"),
     score_thr: Annotated[float, typer.Option(
         "--score-thr", min=0.0, max=1.0, help="Keep detections scoring above this.",
-    )] = 0.3,
+    )] = SCORE_THR,
     device: opt.DeviceOption = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the detections as JSON (schema recnext.infer; masks as COCO RLE) instead of a table.",
@@ -45,9 +48,7 @@ def infer(
 
     run = run_infer(name, images, checkpoint=checkpoint, config=config, out=out, score_thr=score_thr,
                     device=opt.device_name(device), on_error=print_error)
-    show_drawings(run, score_thr, as_json)
-    if not run.complete:
-        raise typer.Exit(2)
+    report_drawings(run, score_thr, as_json)
 
 
 def print_error(message: str) -> None:
@@ -58,8 +59,9 @@ def print_error(message: str) -> None:
     Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
-def show_drawings(run: Drawings, score_thr: float, as_json: bool) -> None:
-    """The detections as a table and the drawings' paths, or with `as_json` as a recnext.infer document."""
+def report_drawings(run: Drawings, score_thr: float, as_json: bool) -> None:
+    """The detections as a table and the drawings' paths, or with `as_json` as a recnext.infer document; then exit
+    code 2 if an image was not drawn (its one-line error went out as it was met)."""
     if as_json:
         from recnext_cli.outputs import document, dumps
 
@@ -67,6 +69,8 @@ def show_drawings(run: Drawings, score_thr: float, as_json: bool) -> None:
         typer.echo(dumps(document("infer", score_threshold=score_thr, images=records)))
     else:
         _print_table(run.drawn, score_thr)
+    if not run.complete:
+        raise typer.Exit(2)
 
 
 def _as_record(result, drawing_path: Path) -> dict:
