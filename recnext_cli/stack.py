@@ -281,9 +281,12 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
     with open(log_path, "w") as log, concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
         pip = [python, "-m", "pip", "install", "--quiet"]
         torch_version = installed_version(python, "torch")
+        mmcv_dists = [dist for dist in ("mmcv", "mmcv-full") if installed_version(python, dist)]
         early_build = None
         if torch_version != TORCH_VERSION or installed_version(python, "torchvision") != TORCHVISION_VERSION:
-            early_build = _start_python_only_build(background, options, log_path, report)
+            # An installed mmcv may already work: setup_stack probes it once torch is in place, and builds only then.
+            if not mmcv_dists:
+                early_build = _start_python_only_build(background, options, log_path, report)
             report(f"installing torch {TORCH_VERSION} and torchvision {TORCHVISION_VERSION}")
             _run(pip + [f"torch=={TORCH_VERSION}", f"torchvision=={TORCHVISION_VERSION}"], log)
             steps.append(f"installed torch {TORCH_VERSION}, torchvision {TORCHVISION_VERSION}")
@@ -300,7 +303,6 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
         key = build_key(torch, options.compile_ops, cuda_kernels)
         if install_ops_hook(python):
             steps.append("registered recnext's RoIAlign/NMS provider for mmcv (a one-line .pth file in site-packages)")
-        mmcv_dists = [dist for dist in ("mmcv", "mmcv-full") if installed_version(python, dist)]
         if mmcv_dists or installed_version(python, "mmdet"):
             installed = probe_mmdet_stack(python)
         else:  # a fresh environment: nothing to probe
@@ -344,12 +346,10 @@ def setup_stack(options: SetupOptions, report: Report) -> SetupResult:
 def _start_python_only_build(background: concurrent.futures.Executor, options: SetupOptions, log_path: Path,
                              report: Report) -> concurrent.futures.Future | None:
     """The Python-only mmcv wheel built on a thread while pip installs torch (about 20 s saved on a fresh set-up):
-    it depends on no torch version. None when it is cached, a compiled build is asked for, or mmcv is installed."""
+    it depends on no torch version. None when it is cached or a compiled build is asked for."""
     key = build_key({"version": TORCH_VERSION}, compile_ops=False)
     if options.compile_ops or options.force_rebuild or cached_wheel(key) is not None:
         return None
-    if any(installed_version(options.python, dist) for dist in ("mmcv", "mmcv-full")):
-        return None  # it may already work: setup_stack probes it after torch is in place
 
     def build() -> Path:
         with open(log_path.with_name(log_path.stem + "-mmcv.log"), "w") as build_log:
